@@ -1,0 +1,181 @@
+"""Capture block inputs and run blocks one at a time, without re-implementing the forward pass.
+
+The model's own forward computes everything a decoder block receives (position embeddings, masks,
+cache positions). :func:`capture` swaps every block for a pass-through recorder and runs the base
+model once per batch: the recorder of block 0 keeps its hidden states, every recorder keeps its
+block's keyword arguments (they differ per block in Gemma 2/3, whose sliding-window and global
+layers get different masks and rotary tables), and the last one stops the pass so that neither the
+blocks nor the LM head are computed. Later, :func:`run_block` calls a block with those arguments;
+decoder layers return a tensor in transformers 5 and a tuple before, normalised here in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block during capture: records its call and passes hidden states through."""
+
+    def __init__(self, block: nn.Module, index: int, sink: "_Sink") -> None:
+        super().__init__()
+        self.block = block
+        self.index = index
+        self.sink = sink
+
+    def __getattr__(self, name: str) -> Any:  # model code may read e.g. block.attention_type
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        extra = dict(kwargs)
+        if len(args) > 1:
+            raise RuntimeError("decoder block called with extra positional arguments; capture needs keywords")
+        self.sink.record(self.index, hidden, extra)
+        if self.index == self.sink.last:
+            raise _StopForward
+        return hidden
+
+
+class _Sink:
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: list[dict[str, Any]] = []
+
+    def record(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        if index == 0:
+            self.hidden = hidden.detach()
+        self.kwargs.append({k: _detach(v) for k, v in kwargs.items() if k not in _DROP})
+
+
+# keyword arguments that must not be replayed: caches belong to one generation pass
+_DROP = {"past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions"}
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detach(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Captured:
+    """Inputs of block 0 for every calibration window, and each block's keyword arguments per batch."""
+
+    hidden: torch.Tensor  # [n, seqlen, hidden] on CPU
+    kwargs: list[list[dict[str, Any]]]  # kwargs[batch][block]
+    batch_size: int
+
+    def batches(self) -> list[slice]:
+        n = self.hidden.shape[0]
+        return [slice(b, min(b + self.batch_size, n)) for b in range(0, n, self.batch_size)]
+
+
+def _children_deep(module: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """Submodules of ``module`` outside the block list (embeddings, rotary tables, final norm)."""
+    out = []
+    for child in module.children():
+        if child is blocks:
+            continue
+        if any(m is blocks for m in child.modules()):
+            out.extend(_children_deep(child, blocks))
+        else:
+            out.append(child)
+    return out
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Captured:
+    """Run the model's embedding stage on ``input_ids`` and record what each block would receive."""
+    device = torch.device(device)
+    stems = _children_deep(model.base_model, blocks)
+    for m in stems:
+        m.to(device)
+    originals = list(blocks)
+    sink = _Sink(last=len(blocks) - 1)
+    for i, block in enumerate(originals):
+        blocks[i] = _Recorder(block, i, sink)
+    hidden_parts: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = []
+    try:
+        for b in tqdm(range(0, input_ids.shape[0], batch_size), desc="capturing block inputs", disable=not progress):
+            sink.hidden, sink.kwargs = None, []
+            batch = input_ids[b : b + batch_size].to(device)
+            try:
+                model.base_model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            if sink.hidden is None or len(sink.kwargs) != len(blocks):
+                raise RuntimeError("capture did not reach every block; the model calls its blocks in an unexpected way")
+            hidden_parts.append(sink.hidden.to("cpu"))
+            kwargs.append([to_device(kw, "cpu") for kw in sink.kwargs])
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        for m in stems:
+            m.to("cpu")
+    return Captured(hidden=torch.cat(hidden_parts), kwargs=kwargs, batch_size=batch_size)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Call a decoder block and return its output hidden states (tensor or first tuple element)."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def propagate(
+    block: nn.Module,
+    index: int,
+    captured: Captured,
+    stream: torch.Tensor,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Run ``block`` (already on ``device``) over the whole activation ``stream`` batch by batch.
+
+    The outputs replace ``stream`` in place (each batch is read before it is written).
+    """
+    for bi, sl in enumerate(captured.batches()):
+        x = stream[sl].to(device)
+        y = run_block(block, x, to_device(captured.kwargs[bi][index], device))
+        stream[sl] = y.to(stream.device, stream.dtype)
+    return stream

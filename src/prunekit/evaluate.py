@@ -1,0 +1,101 @@
+"""Perplexity as the pruning papers measure it.
+
+The corpus is tokenized once and cut into non-overlapping windows of ``seqlen`` tokens; each window
+is scored on its own (no context carried over) and perplexity is ``exp`` of the mean over windows
+of the mean next-token loss, as in the SparseGPT and Wanda evaluation scripts. The LM head runs on
+chunks of positions so the full ``[batch, seqlen, vocab]`` logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import eval_text, eval_windows
+from .errors import PrunekitError
+from .models import context_length
+
+_HEAD_CHUNK = 256  # positions per LM-head chunk
+
+
+@dataclass
+class Perplexity:
+    dataset: str
+    ppl: float
+    seqlen: int
+    windows: int
+    window_nll: list[float] = field(default_factory=list)  # mean next-token loss of each window
+    seconds: float = 0.0
+
+    def ppl_first(self, k: int) -> float:
+        """Perplexity over the first ``k`` windows only (same pass, no re-run)."""
+        nll = self.window_nll[:k]
+        return math.exp(sum(nll) / len(nll))
+
+
+def effective_seqlen(model: nn.Module, seqlen: int) -> int:
+    ctx = context_length(model)
+    return min(seqlen, ctx) if ctx else seqlen
+
+
+@torch.no_grad()
+def window_losses(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str, desc: str = "perplexity"
+) -> list[float]:
+    """Mean next-token loss of each row of ``windows`` (``[n, seqlen]`` token ids)."""
+    device = torch.device(device)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    model.to(device)
+    losses: list[float] = []
+    try:
+        for b in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):
+            ids = windows[b : b + batch_size].to(device)
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
+            for c in range(0, ids.shape[1] - 1, _HEAD_CHUNK):
+                h = hidden[:, c : min(c + _HEAD_CHUNK, ids.shape[1] - 1)]
+                logits = head(h).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                target = ids[:, c + 1 : c + 1 + h.shape[1]]
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+                total += nll.view(ids.shape[0], -1).sum(1).double()
+            losses.extend((total / (ids.shape[1] - 1)).tolist())
+    finally:
+        model.to("cpu")
+    return losses
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    dataset: str,
+    seqlen: int = 2048,
+    windows: int = 0,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    data_dir: str | None = None,
+) -> Perplexity:
+    """Perplexity of ``model`` on a named corpus (or a .txt/.jsonl file), first ``windows`` windows (0 = all)."""
+    seqlen = effective_seqlen(model, seqlen)
+    text = eval_text(dataset, data_dir)
+    ids = tokenizer(text)["input_ids"]
+    return perplexity_of_ids(model, dataset, eval_windows(ids, seqlen, windows), batch_size, device)
+
+
+def perplexity_of_ids(
+    model: nn.Module, name: str, windows: torch.Tensor, batch_size: int, device: torch.device | str
+) -> Perplexity:
+    if windows.numel() == 0:
+        raise PrunekitError(f"no evaluation windows for {name}")
+    t = time.perf_counter()
+    nll = window_losses(model, windows, batch_size, device, desc=f"perplexity {name}")
+    ppl = math.exp(sum(nll) / len(nll))
+    return Perplexity(name, ppl, int(windows.shape[1]), int(windows.shape[0]), nll, time.perf_counter() - t)
