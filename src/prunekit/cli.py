@@ -1,0 +1,192 @@
+"""The ``prunekit`` command.
+
+Flags are generated from the configuration dataclasses, one per leaf field (``nsamples`` ->
+``--nsamples``), so the command line, ``--config FILE.yaml`` and the ``config.yaml`` written into
+each run directory always agree. Precedence: defaults, then the YAML file, then flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import EvalConfig, ModelConfig, RunConfig, leaf_fields, load_yaml, set_leaf
+from .errors import PrunekitError
+
+log = logging.getLogger("prunekit")
+
+_ALIASES = {"eval": ["--data"]}  # `prunekit eval --data wikitext2` reads better than `--eval`
+_HELP = {
+    "model": "hub id, local model directory, .gguf file, or smollm2-135m (default)",
+    "method": "magnitude | wanda | sparsegpt",
+    "sparsity": "fraction pruned (0.5) or N:M with N kept of every M (2:4)",
+    "scope": "comparison group for magnitude/wanda: row | layer | auto",
+    "calib": "self | wikitext2 | ptb | c4 | path to .txt/.jsonl",
+    "eval": "comma-separated corpora to measure perplexity on (none to skip)",
+    "eval_windows": "first K windows; 0 = the whole corpus",
+    "data_dir": "folder with the corpora (default: $PRUNEKIT_DATA_DIR)",
+    "out": "output directory (written atomically)",
+}
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cfg: Any, only: set[str] | None = None) -> None:
+    for name, (_, f) in leaf_fields(cfg).items():
+        if only is not None and name not in only:
+            continue
+        flags = [f"--{name.replace('_', '-')}"] + _ALIASES.get(name, [])
+        kind = str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{_HELP.get(name, '')} (default: {default})".strip()
+        if kind == "bool":
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            typ = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(*flags, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
+
+
+def _apply(cfg: Any, ns: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "verbose")) -> None:
+    if getattr(ns, "config", None):
+        load_yaml(ns.config, cfg)
+    for key, value in vars(ns).items():
+        if key not in skip:
+            set_leaf(cfg, key, value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Prune large language models after training.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model, evaluate it and save it")
+    p.add_argument("--config", help="YAML file with settings (flags override it)")
+    _add_dataclass_flags(p, RunConfig())
+
+    e = sub.add_parser("eval", help="perplexity of a (pruned) model")
+    e.add_argument("--config", help="YAML file with settings (flags override it)")
+    _add_dataclass_flags(e, _EvalRun())
+
+    g = sub.add_parser("generate-calib", help="let the dense model write calibration text (cached for prune)")
+    _add_dataclass_flags(g, RunConfig(), only={"model", "dtype", "device", "nsamples", "seqlen", "seed", "gen_batch_size", "cache_dir"})
+    g.add_argument("--out", help="also write the windows as JSON lines of text to this file")
+    return parser
+
+
+@dataclasses.dataclass
+class _EvalRun:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    data_dir: str | None = None
+    out: str | None = None  # directory for metrics.json
+
+
+def _cmd_prune(ns: argparse.Namespace) -> int:
+    from .run import run_prune
+
+    cfg = RunConfig()
+    _apply(cfg, ns)
+    if not cfg.out:
+        raise PrunekitError("no output directory; pass --out DIR (the pruned model, metrics and report go there)")
+    run_prune(cfg)
+    return 0
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from .evaluate import effective_seqlen
+    from .models import load_model
+    from .pipeline import resolve_device
+    from .rundir import RunDir
+    from .run import EvalSet, evaluate_sets, peak_rss_mb
+    from .data import eval_text, eval_windows
+
+    cfg = _EvalRun()
+    _apply(cfg, ns)
+    cfg.model.validate()
+    cfg.eval.validate()
+    if not cfg.eval.datasets():
+        raise PrunekitError("nothing to evaluate; pass --data wikitext2 (or ptb, c4, a .txt/.jsonl file)")
+    rundir = RunDir(cfg.out, overwrite=True) if cfg.out else None
+    try:
+        device = resolve_device(cfg.model.device)
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+        seqlen = effective_seqlen(model, cfg.eval.eval_seqlen)
+        sets = [
+            EvalSet(name, eval_windows(tokenizer(eval_text(name, cfg.data_dir))["input_ids"], seqlen, cfg.eval.eval_windows))
+            for name in cfg.eval.datasets()
+        ]
+        t = time.perf_counter()
+        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device)
+        metrics = {
+            "model": cfg.model.model,
+            "perplexity": {r.dataset: r.ppl for r in results},
+            "perplexity_detail": {r.dataset: {"seqlen": r.seqlen, "windows": r.windows, "seconds": r.seconds} for r in results},
+            "timing": {"eval_s": time.perf_counter() - t},
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        for r in results:
+            print(f"{r.dataset}: perplexity {r.ppl:.3f} ({r.windows} windows of {r.seqlen} tokens)")
+        if rundir is not None:
+            rundir.write_json("metrics.json", metrics)
+            rundir.commit()
+    except BaseException:
+        if rundir is not None:
+            rundir.discard()
+        raise
+    return 0
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from .models import load_model
+    from .pipeline import resolve_device
+    from .selfgen import self_calibration
+
+    out = ns.out
+    del ns.out
+    cfg = RunConfig()
+    _apply(cfg, ns)
+    cfg.validate()
+    c = cfg.prune.calib
+    device = resolve_device(cfg.prune.device)
+    model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+    ids = self_calibration(model, tokenizer, c.nsamples, c.seqlen, c.seed, c.gen_batch_size, device, c.cache_dir)
+    print(f"{ids.shape[0]} windows of {ids.shape[1]} tokens ready (cached; `prunekit prune --calib self` with the same settings reuses them)")
+    if out:
+        path = Path(out)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in ids:
+                fh.write(json.dumps({"text": tokenizer.decode(row)}) + "\n")
+        tmp.replace(path)
+        print(f"texts written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format="prunekit: %(message)s")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "generate-calib": _cmd_generate}[ns.command]
+    try:
+        return handler(ns)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

