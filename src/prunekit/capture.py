@@ -77,6 +77,18 @@ def _detach(obj: Any) -> Any:
     return obj
 
 
+def _cut_batch(obj: Any, size: int, rows: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[:rows] if obj.dim() >= 2 and obj.shape[0] == size and size > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_cut_batch(o, size, rows) for o in obj)
+    if isinstance(obj, list):
+        return [_cut_batch(o, size, rows) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cut_batch(v, size, rows) for k, v in obj.items()}
+    return obj
+
+
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested tuples, lists and dicts."""
     if isinstance(obj, torch.Tensor):
@@ -101,6 +113,19 @@ class Captured:
     def batches(self) -> list[slice]:
         n = self.hidden.shape[0]
         return [slice(b, min(b + self.batch_size, n)) for b in range(0, n, self.batch_size)]
+
+    def kwargs_for(self, index: int, rows: int) -> dict[str, Any]:
+        """Block ``index``'s keyword arguments for a batch of ``rows`` arbitrary windows.
+
+        Calibration windows all have the same length and no padding, so the arguments do not depend
+        on which windows form a batch, only on how many: tensors whose first dimension is the
+        captured batch size (attention masks) are cut to ``rows``.
+        """
+        full = self.kwargs[0][index]
+        size = min(self.batch_size, self.hidden.shape[0])
+        if rows > size:
+            raise ValueError(f"a batch of {rows} windows exceeds the captured batch size {size}")
+        return _cut_batch(full, size, rows) if rows != size else full
 
 
 def _children_deep(module: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:

@@ -134,17 +134,110 @@ class SparsityConfig:
         return "layer" if self.method == "magnitude" else "row"
 
 
+GRANULARITIES = ("matrix", "attn-mlp", "block")
+SOLVERS = ("adam", "lstsq")
+INPUTS = ("sparse", "dense")
+TARGETS = ("local", "global")
+
+# The papers' configurations by name (REFERENCE §3). `None` leaves the field as it is.
+PRESETS: dict[str, dict[str, Any]] = {
+    # layer-wise baseline: masks (and SparseGPT's own update) only, no gradient step
+    "lr": {"granularity": "block", "inputs": "sparse", "targets": "local", "window": 1, "stride": 1, "epochs": 0},
+    # block-wise reconstruction (Rethinking paper, BR)
+    "br": {"granularity": "block", "inputs": "sparse", "targets": "local", "window": 1, "stride": 1, "epochs": 10},
+    # + global propagation: sparse inputs, the dense model's own activations as targets (BR+GP)
+    "br-gp": {"granularity": "block", "inputs": "sparse", "targets": "global", "window": 1, "stride": 1, "epochs": 10},
+    # + cross-block: windows of 2 blocks, stride 1 (BR+GP+CR)
+    "br-gp-cr": {"granularity": "block", "inputs": "sparse", "targets": "global", "window": 2, "stride": 1, "epochs": 10},
+    # attention and MLP parts reconstructed on their own, with global propagation
+    "attn-mlp-gp": {"granularity": "attn-mlp", "inputs": "sparse", "targets": "global", "window": 1, "stride": 1, "epochs": 10},
+    # Free Lunch paper default: attention/MLP units on the dense model's inputs (local = global there)
+    "free-lunch": {"granularity": "attn-mlp", "inputs": "dense", "targets": "local", "window": 1, "stride": 1, "epochs": 10},
+}
+
+
+@dataclass
+class ReconConfig:
+    """Reconstruction of the kept weights after the masks are chosen (REFERENCE §3).
+
+    Training defaults are the Rethinking paper's (Appendix A): AdamW, lr 2e-4, betas (0.9, 0.95),
+    no weight decay, linear decay to 0 without warm-up, batch 8, 10 epochs; every non-mask
+    parameter of the unit is trained (norm weights and biases too) unless ``train`` is ``linear``.
+    """
+
+    recon: str = "lr"  # preset: lr | br | br-gp | br-gp-cr | attn-mlp-gp | free-lunch; flags below override it
+    granularity: str | None = None  # matrix | attn-mlp | block
+    inputs: str | None = None  # sparse | dense: where a unit's inputs come from
+    targets: str | None = None  # local | global: what a unit's outputs must match
+    window: int | None = None  # blocks per window (unit = the window when > 1)
+    stride: int | None = None  # blocks the window advances by
+    recompute_masks: bool = True  # re-choose masks of a block seen in the previous window (Rethinking CR)
+    epochs: int | None = None
+    lr: float = 2e-4
+    solver: str = "adam"  # adam | lstsq (matrix granularity only: exact least squares with the mask fixed)
+    train: str = "all"  # all (norms and biases too) | linear (linear weights only)
+    lora_rank: int = 0  # > 0: train a masked LoRA of this rank instead of the weights, merged at the end
+    lora_alpha: float = 32.0  # Free Lunch paper: r 16, alpha 32
+    holdout: float = 0.1  # fraction of calibration windows held out to measure reconstruction error
+    early_stop: bool = False  # stop a unit when its held-out error stops improving, keep its best weights
+    patience: int = 1  # epochs without held-out improvement before stopping
+    measure_error: bool | None = None  # record calibration/held-out error per unit; default: when training
+
+    def resolved(self) -> "ReconConfig":
+        """A copy with the preset's values filled in where no flag set them."""
+        if self.recon not in PRESETS:
+            raise PrunekitError(f"unknown reconstruction preset {self.recon!r}; choose one of {', '.join(PRESETS)}")
+        out = dataclasses.replace(self)
+        for key, value in PRESETS[self.recon].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        return out
+
+    def validate(self) -> "ReconConfig":
+        r = self.resolved()
+        checks = [
+            (r.granularity in GRANULARITIES, f"unknown granularity {r.granularity!r}; choose one of {', '.join(GRANULARITIES)}"),
+            (r.inputs in INPUTS, f"unknown inputs {r.inputs!r}; choose sparse or dense"),
+            (r.targets in TARGETS, f"unknown targets {r.targets!r}; choose local or global"),
+            (r.solver in SOLVERS, f"unknown solver {r.solver!r}; choose adam or lstsq"),
+            (r.train in ("all", "linear"), f"unknown train {r.train!r}; choose all or linear"),
+            ((r.window or 0) >= 1 and (r.stride or 0) >= 1, "window and stride must be at least 1"),
+            ((r.stride or 1) <= (r.window or 1), f"stride {r.stride} exceeds window {r.window}; blocks would be skipped"),
+            (r.window == 1 or r.granularity == "block", "windows of several blocks need --granularity block"),
+            (r.solver == "adam" or r.granularity == "matrix", "--solver lstsq needs --granularity matrix"),
+            ((r.epochs or 0) >= 0, "epochs must be 0 or more"),
+            (r.lr > 0, "lr must be positive"),
+            (0.0 <= r.holdout < 1.0, f"holdout {r.holdout} is outside [0, 1)"),
+            (r.lora_rank >= 0, "lora-rank must be 0 (off) or positive"),
+            (r.patience >= 1, "patience must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PrunekitError(message)
+        return r
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.epochs) or self.solver == "lstsq"
+
+    @property
+    def measures(self) -> bool:
+        return self.trains if self.measure_error is None else self.measure_error
+
+
 @dataclass
 class PruneConfig:
     """Everything :func:`prunekit.prune` needs besides the model and tokenizer."""
 
     calib: CalibConfig = field(default_factory=CalibConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    batch_size: int = 8  # sequences per forward pass through a block
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    batch_size: int = 8  # sequences per forward pass and per gradient step (Rethinking paper: 8)
     device: str = "auto"
 
     def validate(self) -> Sparsity:
         self.calib.validate()
+        self.recon.validate()
         if self.batch_size < 1:
             raise PrunekitError("batch-size must be at least 1")
         return self.sparsity.validate()

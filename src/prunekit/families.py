@@ -32,6 +32,7 @@ class Family:
     mlp: tuple[str, ...]  # the MLP part: one submodule, or the block's own linears (OPT)
     mid_norm: str  # the norm whose input is the residual stream between attention and MLP
     linear_groups: tuple[tuple[str, ...], ...]  # linears sharing one input, in forward order
+    mlp_branch: tuple[str, ...]  # modules applied in order to the mid residual h: block output = h + branch(h)
 
 
 _LLAMA_GROUPS = (
@@ -50,6 +51,7 @@ FAMILIES: tuple[Family, ...] = (
         mlp=("mlp",),
         mid_norm="post_attention_layernorm",
         linear_groups=_LLAMA_GROUPS,
+        mlp_branch=("post_attention_layernorm", "mlp"),
     ),
     Family(  # Gemma 2 and 3 normalise the attention output before the residual add
         name="gemma2",
@@ -59,6 +61,7 @@ FAMILIES: tuple[Family, ...] = (
         mlp=("mlp",),
         mid_norm="pre_feedforward_layernorm",
         linear_groups=_LLAMA_GROUPS,
+        mlp_branch=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
     ),
     Family(
         name="opt",
@@ -73,6 +76,7 @@ FAMILIES: tuple[Family, ...] = (
             ("fc1",),
             ("fc2",),
         ),
+        mlp_branch=("final_layer_norm", "fc1", "activation_fn", "fc2"),
     ),
     Family(
         name="gpt2",
@@ -82,6 +86,7 @@ FAMILIES: tuple[Family, ...] = (
         mlp=("mlp",),
         mid_norm="ln_2",
         linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        mlp_branch=("ln_2", "mlp"),
     ),
 )
 
@@ -148,6 +153,10 @@ class Layout:
     def mid_norm(self, index: int) -> nn.Module:
         return _get(self.blocks[index], self.family.mid_norm)
 
+    def mlp_branch(self, index: int) -> list[nn.Module]:
+        """The modules that map the mid residual ``h`` to the MLP's contribution: out = h + branch(h)."""
+        return [_get(self.blocks[index], name) for name in self.family.mlp_branch]
+
 
 def discover(model: nn.Module) -> Layout:
     """Find the blocks of ``model`` and check that each block has the parts the family table names."""
@@ -162,7 +171,9 @@ def discover(model: nn.Module) -> Layout:
         raise PrunekitError(f"{fam.blocks} of {type(model).__name__} is not a non-empty list of blocks")
     layout = Layout(family=fam, blocks=blocks)
     for i, block in enumerate(blocks):
-        for path in (fam.attention, fam.mid_norm, *fam.mlp):
+        if getattr(block, "do_layer_norm_before", True) is False:
+            raise PrunekitError("post-LayerNorm OPT blocks (OPT-350M) are not supported; use another OPT size")
+        for path in (fam.attention, fam.mid_norm, *fam.mlp, *fam.mlp_branch):
             try:
                 _get(block, path)
             except AttributeError:

@@ -1,17 +1,31 @@
-"""The driver loop: calibrate, then walk the blocks in order, pruning each on the device.
+"""The one driver loop: calibrate, then walk windows of blocks in order, pruning and reconstructing.
 
-The model stays on CPU. Block 0's inputs are captured once (:mod:`prunekit.capture`); then for each
-block: move it to the device, run the calibration stream through it with hooks that accumulate the
-statistics of every linear's input (one accumulator per group of linears sharing an input), let the
-criterion choose masks (and, for SparseGPT, new kept weights), check every linear's sparsity, run
-the stream through the pruned block so its outputs feed the next block, move the block back. This
-is the layer-wise baseline of the papers ("LR"); magnitude needs no calibration pass at all.
+The model stays on CPU. Block 0's inputs are captured once (:mod:`prunekit.capture`). Windows of
+``window`` blocks advance by ``stride`` (block-wise: 1/1; cross-block: 2/1, giving windows [0],
+[0,1], [1,2], ..., [L-1] as in the Rethinking paper). For each window, on the device:
+
+1. advance the activation streams to the window's first block: the *sparse* stream through the
+   pruned (and reconstructed) blocks, the *dense* stream through dense copies of the original blocks
+   (dense copies exist only for blocks of the current window);
+2. for each block of the window not yet pruned (or every block, when masks are recomputed): run the
+   sparse stream up to it with hooks that accumulate its linears' input statistics (one accumulator
+   per group of linears sharing an input), let the criterion choose masks (and, for SparseGPT, new
+   kept weights), check every linear's sparsity;
+3. reconstruct the window's units (a linear, the attention and MLP parts, the block or the window)
+   by gradient descent with masks fixed, reading inputs from the sparse or dense stream and targets
+   from the dense unit (local) or the dense model's activations (global), and record the normalised
+   error on calibration and held-out windows.
+
+Granularity only changes what a unit is, never the loop. With no reconstruction (the papers' "LR"
+baseline) step 3 is skipped and no dense copy is made; magnitude needs no calibration pass at all.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,13 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import Captured, capture, propagate, run_block, to_device
-from .config import CalibConfig, PruneConfig
+from .config import CalibConfig, PruneConfig, ReconConfig
 from .criteria import InputStats, make_criterion
 from .data import documents, sample_windows
 from .errors import PrunekitError
 from .families import discover, weight_matrix
 from .masks import check_layer, expected_fraction
 from .models import context_length
+from .reconstruct import Point, UnitRecord, Window, build_units, collect, fit
 from .selfgen import self_calibration
 
 log = logging.getLogger(__name__)
@@ -70,6 +85,17 @@ class PruneReport:
     pruned_params: int = 0
     timing: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    recon: dict = field(default_factory=dict)  # resolved reconstruction settings
+    units: list[UnitRecord] = field(default_factory=list)  # one record per reconstructed unit
+    heldout_windows: int = 0
+
+    def error_summary(self) -> dict[str, float | None]:
+        """Mean normalised error over units, before and after reconstruction, calibration and held-out."""
+        out: dict[str, float | None] = {}
+        for key in ("calib_before", "calib_after", "heldout_before", "heldout_after"):
+            vals = [getattr(u, key) for u in self.units if getattr(u, key) is not None]
+            out[key] = sum(vals) / len(vals) if vals else None
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,15 +107,15 @@ class _StatsDone(Exception):
 
 def collect_stats(
     block: nn.Module,
-    index: int,
     groups: list[list[str]],
     linears: dict[str, nn.Module],
-    captured: Captured,
-    stream: torch.Tensor,
+    inputs: torch.Tensor,
+    kwargs_for: Callable[[int], dict],
+    batch_size: int,
     device: torch.device,
     hessian: bool,
 ) -> dict[str, InputStats]:
-    """Run the stream through ``block`` with hooks that accumulate each input group's statistics.
+    """Run ``inputs`` (``[n, seq, hidden]``) through ``block`` with hooks accumulating each input group's statistics.
 
     The pass stops at the input of the block's last linear (its output is not needed), which
     skips the largest matrix product of an MLP block.
@@ -97,7 +123,6 @@ def collect_stats(
     stats: dict[str, InputStats] = {}
     handles = []
     last = groups[-1][0]
-
     for group in groups:
         first = linears[group[0]]
         acc = InputStats(weight_matrix(first).shape[1], hessian, device)
@@ -110,15 +135,35 @@ def collect_stats(
 
         handles.append(first.register_forward_pre_hook(hook))
     try:
-        for bi, sl in enumerate(captured.batches()):
+        for b in range(0, inputs.shape[0], batch_size):
+            x = inputs[b : b + batch_size].to(device)
             try:
-                run_block(block, stream[sl].to(device), to_device(captured.kwargs[bi][index], device))
+                run_block(block, x, to_device(kwargs_for(x.shape[0]), device))
             except _StatsDone:
                 pass
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def windows(n_blocks: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Half-open block ranges: size 1 gives [0], [1], ...; size 2 stride 1 gives [0], [0,1], [1,2], ..., [L-1]."""
+    out = []
+    for start in range(-(size - stride), n_blocks, stride):
+        lo, hi = max(start, 0), min(start + size, n_blocks)
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+@torch.no_grad()
+def _advance(blocks: list[nn.Module], indices: list[int], captured: Captured, stream: torch.Tensor, device: torch.device) -> None:
+    """Push ``stream`` in place through ``blocks`` (each moved to the device for its pass)."""
+    for block, j in zip(blocks, indices):
+        block.to(device)
+        propagate(block, j, captured, stream, device)
+        block.to("cpu")
 
 
 @torch.no_grad()
@@ -129,12 +174,13 @@ def prune(
     calib_ids: torch.Tensor | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, PruneReport]:
-    """Prune ``model`` in place, block by block, and return it with a :class:`PruneReport`.
+    """Prune ``model`` in place, window by window, reconstruct it as configured, return a :class:`PruneReport`.
 
     ``calib_ids`` (``[n, seqlen]`` token ids) overrides the calibration data named in the config.
     """
     config = config or PruneConfig()
     sparsity = config.validate()
+    rc: ReconConfig = config.recon.validate()
     device = resolve_device(config.device)
     layout = discover(model)
     settings = config.sparsity
@@ -147,11 +193,11 @@ def prune(
         calib=config.calib.calib if calib_ids is None else "given",
         nsamples=config.calib.nsamples,
         seqlen=config.calib.seqlen,
+        recon={k: v for k, v in vars(rc).items()},
     )
     model.eval()
-    captured = None
-    stream = None
-    if criterion.needs_inputs:
+    needs_streams = criterion.needs_inputs or rc.trains or rc.measures
+    if needs_streams:
         t = time.perf_counter()
         if calib_ids is None:
             calib_ids = calibration_ids(model, tokenizer, config.calib, device)
@@ -159,37 +205,125 @@ def prune(
         report.timing["calib_s"] = time.perf_counter() - t
     else:
         report.notes.append("magnitude pruning uses no calibration data")
+    n = int(calib_ids.shape[0]) if needs_streams else 0
+    n_held = 0
+    if needs_streams and (rc.trains or rc.measures) and rc.holdout > 0:
+        if n < 2:
+            raise PrunekitError("a held-out part needs at least 2 calibration windows; raise --nsamples or use --holdout 0")
+        n_held = min(max(1, round(n * rc.holdout)), n - 1)
+    report.heldout_windows = n_held
+    train_rows = torch.arange(n - n_held)
+    held_rows = torch.arange(n - n_held, n)
+    all_rows = torch.arange(n)
+    bs = config.batch_size
+
     t_prune = time.perf_counter()
-    if criterion.needs_inputs:
-        captured = capture(model, layout.blocks, calib_ids, config.batch_size, device, progress)
-        stream = captured.hidden
+    captured = capture(model, layout.blocks, calib_ids, bs, device, progress) if needs_streams else None
+    sparse = captured.hidden if captured is not None else None
+    needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global")
+    dense_stream = sparse.clone() if needs_dense_stream else None
+    keep_dense = rc.trains or rc.measures or (rc.window > 1 and rc.recompute_masks)
     prefix = layout.family.blocks
-    zeros = 0
-    total = 0
-    for i in tqdm(range(len(layout.blocks)), desc=f"pruning ({settings.method})", unit="block", disable=not progress):
-        block = layout.blocks[i]
-        block.to(device)
-        linears = layout.block_linears(i)
-        stats: dict[str, InputStats] = {}
-        if captured is not None:
-            stats = collect_stats(block, i, layout.input_groups(i), linears, captured, stream, device, criterion.needs_hessian)
-        for name, linear in linears.items():
-            w = weight_matrix(linear)
-            new, mask = criterion.prune(w, stats.get(name))
-            w.copy_(new)
-            expected = expected_fraction(tuple(w.shape), sparsity, criterion.expected_scope())
-            full = f"{prefix}.{i}.{name}"
-            report.per_layer[full] = check_layer(full, w, mask, sparsity, expected)
-            zeros += int((~mask).sum())
-            total += mask.numel()
-        for acc in set(stats.values()):
-            acc.free()
-        if captured is not None:
-            propagate(block, i, captured, stream, device)
-        block.to("cpu")
+    blocks = layout.blocks
+    dense: dict[int, nn.Module] = {}
+    masks: dict[int, dict[str, torch.Tensor]] = {}
+    pos = 0  # the streams hold the input of block `pos`
+    recon_s = 0.0
+    plan = windows(len(blocks), rc.window, rc.stride)
+    desc = f"pruning ({settings.method}{', ' + rc.recon if rc.trains else ''})"
+    for lo, hi in tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress):
+        while pos < lo:  # advance the streams; blocks before the window are final
+            if sparse is not None:
+                _advance([blocks[pos]], [pos], captured, sparse, device)
+            if dense_stream is not None:
+                _advance([dense[pos]], [pos], captured, dense_stream, device)
+            dense.pop(pos, None)
+            masks.pop(pos, None)
+            pos += 1
+        idx = list(range(lo, hi))
+        for j in idx:
+            if keep_dense and j not in dense:
+                dense[j] = copy.deepcopy(blocks[j])
+            blocks[j].to(device)
+            if j in dense:
+                dense[j].to(device)
+        win = Window([blocks[j] for j in idx], idx, captured, device) if captured is not None else None
+        for j in idx:  # choose masks
+            if j in masks and not rc.recompute_masks:
+                continue
+            if j in masks:  # recompute from the original weights, on the inputs the window now sees
+                blocks[j].load_state_dict(dense[j].state_dict())
+            linears = layout.block_linears(j)
+            stats: dict[str, InputStats] = {}
+            if criterion.needs_inputs:
+                x = sparse[: n - n_held] if j == lo else collect(
+                    Window(win.blocks[: j - lo], idx[: j - lo], captured, device), sparse, Point(win.blocks[j - lo - 1], post=True),
+                    train_rows, bs,
+                )
+                stats = collect_stats(
+                    blocks[j], layout.input_groups(j), linears, x,
+                    lambda rows, j=j: captured.kwargs_for(j, rows), bs, device, criterion.needs_hessian,
+                )
+            masks[j] = {}
+            for name, linear in linears.items():
+                w = weight_matrix(linear)
+                new, mask = criterion.prune(w, stats.get(name))
+                w.copy_(new)
+                masks[j][f"{prefix}.{j}.{name}"] = mask
+            for acc in set(stats.values()):
+                acc.free()
+        if rc.trains or rc.measures:  # reconstruct the window's units
+            t = time.perf_counter()
+            dwin = Window([dense[j] for j in idx], idx, captured, device)
+            window_masks = {k: v for j in idx for k, v in masks[j].items()}
+            for unit, dunit in zip(
+                build_units(layout, win, rc.granularity, prefix), build_units(layout, dwin, rc.granularity, prefix)
+            ):
+                if rc.inputs == "sparse":
+                    inputs = collect(win, sparse, unit.input, all_rows, bs)
+                else:
+                    inputs = collect(dwin, dense_stream, dunit.input, all_rows, bs)
+                if rc.targets == "global":
+                    targets = collect(dwin, dense_stream, dunit.output, all_rows, bs)
+                else:
+                    targets = _apply(dunit.forward, inputs, bs, device)
+                record = fit(
+                    unit, window_masks, inputs, targets, train_rows, held_rows,
+                    rc,
+                    bs, device, config.calib.seed * 100_003 + lo,
+                )
+                report.units.append(record)
+                if record.note:
+                    report.notes.append(record.note)
+                del inputs, targets
+            recon_s += time.perf_counter() - t
+        for j in idx:  # verify every linear of the window, after any reconstruction
+            for name, linear in layout.block_linears(j).items():
+                full = f"{prefix}.{j}.{name}"
+                w = weight_matrix(linear)
+                mask = masks[j][full].to(w.device)
+                report.per_layer[full] = check_layer(
+                    full, w, mask, sparsity, expected_fraction(tuple(w.shape), sparsity, criterion.expected_scope())
+                )
+            blocks[j].to("cpu")
+            if j in dense:
+                dense[j].to("cpu")
     report.timing["prune_s"] = time.perf_counter() - t_prune
+    if rc.trains or rc.measures:
+        report.timing["recon_s"] = recon_s
+    zeros = sum(round(f * _numel(model, name)) for name, f in report.per_layer.items())
+    total = sum(_numel(model, name) for name in report.per_layer)
     report.overall = zeros / max(total, 1)
     report.pruned_params = total
     if getattr(criterion, "dampings", None) and max(criterion.dampings) > settings.percdamp:
         report.notes.append(f"SparseGPT raised damping to {max(criterion.dampings):g} for some layers")
     return model, report
+
+
+def _numel(model: nn.Module, name: str) -> int:
+    return model.get_submodule(name).weight.numel()
+
+
+@torch.no_grad()
+def _apply(fn, inputs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([fn(inputs[b : b + batch_size].to(device)).to("cpu", inputs.dtype) for b in range(0, inputs.shape[0], batch_size)])

@@ -1,0 +1,452 @@
+"""Reconstruction units and their training loop (REFERENCE §3).
+
+A *unit* is what one reconstruction step adapts: a linear (``matrix``), the attention or the MLP
+part of a block (``attn-mlp``), a block, or a window of blocks. Each unit has an input point and an
+output point inside the current window (the input of a block, the residual stream between
+attention and MLP, the input or output of a linear), so its inputs and targets are read off the
+sparse or the dense forward pass of the window at those points, by hooks, without re-implementing
+any modeling code. The attention part runs the block up to the mid norm; the MLP part is
+``h + branch(h)`` with the branch modules named in the family table.
+
+Masks are held fixed by a parametrisation ``weight = original * mask`` (masked LoRA:
+``(original + s * B @ A) * mask``), removed at the end with the parametrised value kept, so pruned
+weights are exactly zero during and after training.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .capture import Captured, run_block, to_device
+from .config import ReconConfig
+from .families import Conv1D, Layout, is_linear, weight_matrix
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- points and probing
+
+
+@dataclass(frozen=True)
+class Point:
+    """A place in the forward pass: the input (``post=False``) or output of ``module``; None = window input."""
+
+    module: nn.Module | None
+    post: bool = False
+
+
+class _Probe(Exception):
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+def _raise_value(value: Any) -> None:
+    raise _Probe(value[0] if isinstance(value, (tuple, list)) else value)
+
+
+class Window:
+    """Blocks ``lo..hi-1`` of a model (the pruned ones, or their dense copies) run as one function."""
+
+    def __init__(self, blocks: list[nn.Module], indices: list[int], captured: Captured, device: torch.device) -> None:
+        self.blocks = blocks
+        self.indices = indices
+        self.captured = captured
+        self.device = device
+
+    def kwargs(self, pos: int, rows: int) -> dict[str, Any]:
+        return to_device(self.captured.kwargs_for(self.indices[pos], rows), self.device)
+
+    def run(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        for pos, block in enumerate(self.blocks[:upto]):
+            x = run_block(block, x, self.kwargs(pos, x.shape[0]))
+        return x
+
+    def value_at(self, x: torch.Tensor, point: Point) -> torch.Tensor:
+        """Run the window on ``x`` until ``point`` and return the value there."""
+        if point.module is None:
+            return x
+        if point.post:
+            handle = point.module.register_forward_hook(lambda _m, _i, out: _raise_value(out))
+        else:
+            handle = point.module.register_forward_pre_hook(lambda _m, inp: _raise_value(inp))
+        try:
+            self.run(x)
+        except _Probe as p:
+            return p.value
+        finally:
+            handle.remove()
+        raise RuntimeError("the probed point was not reached in the window's forward pass")
+
+
+@torch.no_grad()
+def collect(
+    window: Window, stream: torch.Tensor, point: Point, rows: torch.Tensor, batch_size: int,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``fn(value at point)`` for every row of ``stream`` (``[n, seq, hidden]`` on CPU), on CPU."""
+    parts = []
+    for b in range(0, len(rows), batch_size):
+        idx = rows[b : b + batch_size]
+        v = window.value_at(stream[idx].to(window.device), point)
+        parts.append((fn(v) if fn else v).to("cpu", stream.dtype))
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclass
+class Unit:
+    """One reconstruction unit within a window."""
+
+    name: str
+    modules: list[nn.Module]  # their parameters are the unit's parameters
+    linears: dict[str, nn.Module]  # full name -> linear
+    input: Point
+    output: Point
+    forward: Callable[[torch.Tensor], torch.Tensor]  # input value -> output value (uses the batch's kwargs)
+
+
+def _attn_forward(window: Window, pos: int, mid_norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        handle = mid_norm.register_forward_pre_hook(lambda _m, inp: _raise_value(inp))
+        try:
+            run_block(window.blocks[pos], x, window.kwargs(pos, x.shape[0]))
+        except _Probe as p:
+            return p.value
+        finally:
+            handle.remove()
+        raise RuntimeError("the mid norm was not reached in the block's forward pass")
+
+    return f
+
+
+def _mlp_forward(branch: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(h: torch.Tensor) -> torch.Tensor:
+        y = h
+        for m in branch:
+            y = m(y)
+        return h + y
+
+    return f
+
+
+def build_units(layout: Layout, window: Window, granularity: str, prefix: str) -> list[Unit]:
+    """The units of a window in forward order; the same call on dense copies gives the matching dense units."""
+    fam = layout.family
+    units: list[Unit] = []
+    if granularity == "block":
+        linears = {}
+        for pos, j in enumerate(window.indices):
+            linears.update(_linears(window.blocks[pos], f"{prefix}.{j}", layout, j))
+        name = f"blocks {window.indices[0]}-{window.indices[-1]}" if len(window.indices) > 1 else f"block {window.indices[0]}"
+        return [Unit(name, list(window.blocks), linears, Point(None), Point(window.blocks[-1], True), window.run)]
+    for pos, j in enumerate(window.indices):
+        block = window.blocks[pos]
+        entry = Point(None) if pos == 0 else Point(block)
+        all_linears = _linears(block, f"{prefix}.{j}", layout, j)
+        if granularity == "attn-mlp":
+            mid = _get(block, fam.mid_norm)
+            branch = [_get(block, n) for n in fam.mlp_branch]
+            branch_ids = {id(p) for m in branch for p in m.parameters()}
+            attn_modules = [m for m in block.children() if not any(id(p) in branch_ids for p in m.parameters())]
+            attn_lin = {k: v for k, v in all_linears.items() if not any(id(p) in branch_ids for p in v.parameters())}
+            mlp_lin = {k: v for k, v in all_linears.items() if k not in attn_lin}
+            units.append(Unit(f"block {j} attention", attn_modules, attn_lin, entry, Point(mid), _attn_forward(window, pos, mid)))
+            units.append(Unit(f"block {j} mlp", branch, mlp_lin, Point(mid), Point(block, True), _mlp_forward(branch)))
+        elif granularity == "matrix":
+            for full, lin in all_linears.items():
+                units.append(Unit(full, [lin], {full: lin}, Point(lin), Point(lin, True), lin))
+        else:
+            raise ValueError(f"unknown granularity {granularity!r}")
+    return units
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _linears(block: nn.Module, prefix: str, layout: Layout, index: int) -> dict[str, nn.Module]:
+    names = list(layout.block_linears(index))
+    found = {name: m for name, m in block.named_modules() if is_linear(m)}
+    return {f"{prefix}.{n}": found[n] for n in names if n in found}
+
+
+# ----------------------------------------------------------------------------- masked parametrisations
+
+
+class _Masked(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+class _MaskedLoRA(nn.Module):
+    """``(W + (alpha / r) * B @ A) * mask``: a LoRA whose merge keeps the sparsity (Free Lunch paper)."""
+
+    def __init__(self, mask: torch.Tensor, rank: int, alpha: float, transposed: bool) -> None:
+        super().__init__()
+        out_f, in_f = mask.shape if not transposed else mask.t().shape
+        self.register_buffer("mask", mask, persistent=False)
+        self.transposed = transposed
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.randn(rank, in_f, device=mask.device) / math.sqrt(in_f))
+        self.lora_b = nn.Parameter(torch.zeros(out_f, rank, device=mask.device))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        delta = self.scale * (self.lora_b @ self.lora_a)
+        return (w + (delta.t() if self.transposed else delta)) * self.mask
+
+
+def _oriented(linear: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The mask ([out, in]) in the layout of ``linear.weight`` (GPT-2's Conv1D stores [in, out])."""
+    return mask.t().contiguous() if (bool(Conv1D) and isinstance(linear, Conv1D)) else mask
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class UnitRecord:
+    """What reconstruction did to one unit: normalised errors before/after, the loss curve."""
+
+    unit: str
+    calib_before: float
+    calib_after: float
+    heldout_before: float | None
+    heldout_after: float | None
+    loss_curve: list[float] = field(default_factory=list)  # mean training loss per epoch
+    heldout_curve: list[float] = field(default_factory=list)  # held-out error after each epoch
+    steps: int = 0
+    seconds: float = 0.0
+    flops: float = 0.0
+    best_epoch: int | None = None
+    note: str | None = None
+
+
+def normalised_error(
+    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+    rows: torch.Tensor, batch_size: int, device: torch.device,
+) -> float | None:
+    """``sum ||t - f(x)||^2 / sum ||t||^2`` over ``rows``."""
+    if len(rows) == 0:
+        return None
+    num = 0.0
+    den = 0.0
+    with torch.no_grad():
+        for b in range(0, len(rows), batch_size):
+            idx = rows[b : b + batch_size]
+            t = targets[idx].to(device).float()
+            y = forward(inputs[idx].to(device)).float()
+            num += float(((y - t) ** 2).sum())
+            den += float((t**2).sum())
+    return num / max(den, 1e-30)
+
+
+def _unit_flops(unit: Unit, tokens: int) -> float:
+    """Forward + backward FLOPs of the unit's linears for ``tokens`` tokens (backward = 2x forward)."""
+    return 3.0 * sum(2.0 * tokens * w.numel() for w in (weight_matrix(m) for m in unit.linears.values()))
+
+
+def fit(
+    unit: Unit,
+    masks: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    train_rows: torch.Tensor,
+    heldout_rows: torch.Tensor,
+    cfg: ReconConfig,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+) -> UnitRecord:
+    """Adapt the unit's kept weights so ``unit(inputs) ≈ targets``; masks stay fixed.
+
+    AdamW (betas 0.9/0.95, no weight decay), linear decay to zero, shuffled batches drawn with
+    ``seed`` (Rethinking paper, Appendix A). A non-finite loss, or a held-out error that ends worse
+    than before, restores the weights the unit had before reconstruction and says so in the record.
+    """
+    err = lambda rows: normalised_error(unit.forward, inputs, targets, rows, batch_size, device)  # noqa: E731
+    record = UnitRecord(unit.name, err(train_rows) or 0.0, 0.0, err(heldout_rows), None)
+    before = {id(m): copy.deepcopy(m.state_dict()) for m in unit.modules}
+    t0 = time.perf_counter()
+    diverged = False
+    if cfg.solver == "lstsq":
+        _lstsq(unit, masks, inputs, targets, train_rows, batch_size, device)
+    elif cfg.epochs:
+        diverged = _adam(unit, masks, inputs, targets, train_rows, heldout_rows, cfg, batch_size, device, seed, record, err)
+    record.seconds = time.perf_counter() - t0
+    record.calib_after = err(train_rows) or 0.0
+    record.heldout_after = err(heldout_rows)
+    worse = (
+        record.heldout_after is not None and record.heldout_before is not None
+        and not record.heldout_after <= record.heldout_before
+    )
+    if diverged or worse or not math.isfinite(record.calib_after):
+        for m in unit.modules:
+            m.load_state_dict(before[id(m)])
+        why = "the loss became NaN or inf" if diverged or not math.isfinite(record.calib_after) else (
+            f"the held-out error rose from {record.heldout_before:.4g} to {record.heldout_after:.4g}"
+        )
+        record.note = f"{unit.name}: {why}; kept the weights from before reconstruction"
+        log.warning("%s", record.note)
+        record.calib_after, record.heldout_after = record.calib_before, record.heldout_before
+    return record
+
+
+def _trainable(unit: Unit, cfg: ReconConfig) -> list[nn.Parameter]:
+    """Linear weights (or their LoRA factors), plus norm weights and biases unless ``train=linear``."""
+    linear_ids = {id(m) for m in unit.linears.values()}
+    internals = {id(sub) for lin in unit.linears.values() for sub in lin.modules() if sub is not lin}
+    params: dict[int, nn.Parameter] = {}
+    for module in unit.modules:
+        for m in module.modules():
+            if id(m) in internals:
+                continue
+            if id(m) in linear_ids:
+                pl = m.parametrizations.weight
+                ps = [pl[0].lora_a, pl[0].lora_b] if cfg.lora_rank else [pl.original]
+                if cfg.train == "all" and getattr(m, "bias", None) is not None:
+                    ps.append(m.bias)
+            else:
+                ps = list(m.parameters(recurse=False)) if cfg.train == "all" else []
+            params.update({id(p): p for p in ps})
+    return list(params.values())
+
+
+def _adam(
+    unit: Unit, masks: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+    train_rows: torch.Tensor, heldout_rows: torch.Tensor, cfg: ReconConfig, batch_size: int,
+    device: torch.device, seed: int, record: UnitRecord, err: Callable[[torch.Tensor], float | None],
+) -> bool:
+    """Gradient descent on the unit; returns True when the loss stopped being finite."""
+    lin_items = list(unit.linears.items())
+    for name, lin in lin_items:
+        mask = _oriented(lin, masks[name].to(device))
+        if cfg.lora_rank:
+            torch.manual_seed(seed)
+            p = _MaskedLoRA(mask, cfg.lora_rank, cfg.lora_alpha, transposed=bool(Conv1D) and isinstance(lin, Conv1D))
+        else:
+            p = _Masked(mask)
+        parametrize.register_parametrization(lin, "weight", p)
+    float_state = {}
+    try:
+        for m in unit.modules:  # train in float32 (fp32 master weights, Rethinking paper)
+            for p in m.parameters():
+                if p.dtype != torch.float32:
+                    float_state[id(p)] = p.dtype
+                    p.data = p.data.float()
+        params = _trainable(unit, cfg)
+        chosen = {id(p) for p in params}
+        for m in unit.modules:
+            for p in m.parameters():
+                p.requires_grad_(id(p) in chosen)
+        steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+        total = steps_per_epoch * cfg.epochs
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+        gen = torch.Generator().manual_seed(seed)
+        best = (record.heldout_before, None, None)
+        stale = 0
+        tokens = int(inputs.shape[1]) if inputs.dim() > 2 else 1
+        for epoch in range(cfg.epochs):
+            order = train_rows[torch.randperm(len(train_rows), generator=gen)]
+            losses = []
+            with torch.enable_grad():
+                for b in range(0, len(order), batch_size):
+                    idx = order[b : b + batch_size]
+                    x = inputs[idx].to(device, torch.float32)
+                    t = targets[idx].to(device, torch.float32)
+                    loss = torch.nn.functional.mse_loss(unit.forward(x), t)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    losses.append(float(loss))
+                    record.steps += 1
+                    record.flops += _unit_flops(unit, len(idx) * tokens)
+            record.loss_curve.append(sum(losses) / len(losses))
+            if len(heldout_rows):
+                h = err(heldout_rows)
+                record.heldout_curve.append(h)  # type: ignore[arg-type]
+                if best[0] is None or h < best[0]:  # type: ignore[operator]
+                    best = (h, epoch, {id(p): p.detach().clone() for p in params})
+                    stale = 0
+                else:
+                    stale += 1
+                    if cfg.early_stop and stale >= cfg.patience:
+                        break
+        if cfg.early_stop and best[2] is not None:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(best[2][id(p)])
+            record.best_epoch = best[1]
+    except FloatingPointError:
+        return True
+    finally:
+        for _name, lin in lin_items:
+            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+        for m in unit.modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+                if id(p) in float_state:
+                    p.data = p.data.to(float_state[id(p)])
+    return False
+
+
+@torch.no_grad()
+def _lstsq(
+    unit: Unit, masks: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+    train_rows: torch.Tensor, batch_size: int, device: torch.device,
+) -> None:
+    """Exact least squares of a linear with its mask fixed: per output row, ``H_SS w_S = b_S``.
+
+    ``H = X^T X`` and ``b = X^T Y`` over the training tokens (with a column of ones when the layer
+    has a bias); a 1e-6 relative ridge keeps ``H_SS`` invertible. The convex baseline of the papers.
+    """
+    ((name, lin),) = unit.linears.items()
+    w = weight_matrix(lin)
+    bias = getattr(lin, "bias", None)
+    d = w.shape[1] + (1 if bias is not None else 0)
+    h = torch.zeros(d, d, dtype=torch.float64, device=device)
+    b = torch.zeros(d, w.shape[0], dtype=torch.float64, device=device)
+    for s in range(0, len(train_rows), batch_size):
+        idx = train_rows[s : s + batch_size]
+        x = inputs[idx].to(device).reshape(-1, w.shape[1]).double()
+        if bias is not None:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=device)], 1)
+        y = targets[idx].to(device).reshape(-1, w.shape[0]).double()
+        h.addmm_(x.t(), x)
+        b.addmm_(x.t(), y)
+    h += 1e-6 * torch.diag(h).mean() * torch.eye(d, dtype=h.dtype, device=device)
+    mask = masks[name].to(device)
+    if bias is not None:
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=torch.bool, device=device)], 1)
+    new = torch.zeros(w.shape[0], d, dtype=torch.float64, device=device)
+    chunk = max(1, int(2**27 // (d * d)))
+    eye = torch.eye(d, dtype=h.dtype, device=device)
+    for r in range(0, w.shape[0], chunk):
+        m = mask[r : r + chunk].double()  # [c, d]
+        # rows restricted to their support: M H M + (I - M) keeps pruned coordinates at zero
+        hs = m.unsqueeze(2) * h.unsqueeze(0) * m.unsqueeze(1) + (1 - m).unsqueeze(2) * eye
+        rhs = (m * b[:, r : r + chunk].t()).unsqueeze(2)
+        new[r : r + chunk] = torch.linalg.solve(hs, rhs).squeeze(2) * m
+    w.copy_(new[:, : w.shape[1]].to(w.dtype))
+    if bias is not None:
+        bias.data.copy_(new[:, -1].to(bias.dtype))
