@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("run", choices=sorted(RUNS))
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu-v1"))
+    ap.add_argument(
+        "--timing-only", action="store_true", help="prune without evaluating; writes OUT/timing/RUN.json (a quiet re-time)"
+    )
     a = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -79,6 +82,10 @@ def main() -> None:
             calib_s=report.timing.get("calib_s", 0.0),
             overall_sparsity=report.overall,
         )
+    if a.timing_only:
+        result.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        _write(Path(a.out) / "timing", a.run, result)
+        return
     ids = tok(eval_text("wikitext2", a.data_dir))["input_ids"]
     windows = eval_windows(ids, 512)
     ppl = perplexity_of_ids(model, "wikitext2", windows, PROTOCOL["batch_size"], "cpu")
@@ -92,9 +99,12 @@ def main() -> None:
         machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
         versions={"torch": torch.__version__, "prunekit": prunekit.__version__, "python": sys.version.split()[0]},
     )
-    out = Path(a.out)
+    _write(Path(a.out), a.run, result)
+
+
+def _write(out: Path, run: str, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{a.run.replace(':', '-')}.json"
+    path = out / f"{run.replace(':', '-')}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, path)

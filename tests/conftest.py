@@ -22,7 +22,6 @@ MAX_POS = 64
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gpt2")
 
-
 def _config(family: str, layers: int):
     import transformers as tf
 

@@ -11,6 +11,7 @@ decoder layers return a tensor in transformers 5 and a tuple before, normalised 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +40,19 @@ class _Recorder(nn.Module):
             return getattr(self.block, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        extra = dict(kwargs)
-        if len(args) > 1:
-            raise RuntimeError("decoder block called with extra positional arguments; capture needs keywords")
-        self.sink.record(self.index, hidden, extra)
+        if len(args) > 1:  # e.g. GPT-2 passes (hidden, cache, mask, encoder states) positionally: name them
+            bound = inspect.signature(self.block.forward).bind_partial(*args, **kwargs)
+            kwargs = dict(bound.arguments)
+            extra = kwargs.pop("kwargs", None)  # a **kwargs parameter binds as one dict
+            if isinstance(extra, dict):
+                kwargs.update(extra)
+            args = ()
+        if args:
+            hidden = args[0]
+        else:
+            name = next(iter(inspect.signature(self.block.forward).parameters))
+            hidden = kwargs.pop(name)
+        self.sink.record(self.index, hidden, kwargs)
         if self.index == self.sink.last:
             raise _StopForward
         return hidden

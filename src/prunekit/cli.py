@@ -32,6 +32,15 @@ _HELP = {
     "eval_windows": "first K windows; 0 = the whole corpus",
     "data_dir": "folder with the corpora (default: $PRUNEKIT_DATA_DIR)",
     "out": "output directory (written atomically)",
+    "recon": "reconstruction preset: lr | br | br-gp | br-gp-cr | attn-mlp-gp | free-lunch",
+    "granularity": "matrix | attn-mlp | block (overrides the preset)",
+    "inputs": "sparse | dense: where a unit's inputs come from (overrides the preset)",
+    "targets": "local | global: what a unit fits (overrides the preset)",
+    "window": "blocks reconstructed together (overrides the preset)",
+    "stride": "blocks a window advances by (overrides the preset)",
+    "epochs": "passes over the calibration windows per unit (overrides the preset)",
+    "holdout": "fraction of calibration windows held out to measure reconstruction error",
+    "calib_mix": "fraction of the calibration windows written by the model itself, mixed into --calib",
 }
 
 
@@ -43,7 +52,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cfg: Any, only: set[st
         kind = str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{_HELP.get(name, '')} (default: {default})".strip()
-        if kind == "bool":
+        if kind.startswith("bool"):
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             typ = int if kind.startswith("int") else float if kind.startswith("float") else str
@@ -70,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a (pruned) model")
     e.add_argument("--config", help="YAML file with settings (flags override it)")
     _add_dataclass_flags(e, _EvalRun())
+
+    r = sub.add_parser("error", help="per-block error of pruned models against their dense model (global propagation)")
+    r.add_argument("--model", nargs="+", required=True, help="pruned model directories (one line each in the plot)")
+    r.add_argument("--dense", default="smollm2-135m", help="the dense model (default: smollm2-135m)")
+    r.add_argument("--data", default="wikitext2", help="corpus or .txt/.jsonl file (default: wikitext2)")
+    r.add_argument("--eval-seqlen", type=int, default=512)
+    r.add_argument("--eval-windows", type=int, default=16, help="first K windows; 0 = all (default: 16)")
+    r.add_argument("--eval-batch-size", type=int, default=4)
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--dtype", default="float32")
+    r.add_argument("--out", required=True, help="directory for errors.json and block_errors.png")
 
     g = sub.add_parser("generate-calib", help="let the dense model write calibration text (cached for prune)")
     _add_dataclass_flags(g, RunConfig(), only={"model", "dtype", "device", "nsamples", "seqlen", "seed", "gen_batch_size", "cache_dir"})
@@ -140,6 +161,43 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_error(ns: argparse.Namespace) -> int:
+    from .data import eval_text, eval_windows
+    from .evaluate import block_errors, effective_seqlen
+    from .models import load_model
+    from .pipeline import resolve_device
+    from .report import plot_block_errors
+    from .rundir import RunDir
+
+    if ns.eval_windows < 0 or ns.eval_seqlen < 2:
+        raise PrunekitError("eval-windows must be 0 or more and eval-seqlen at least 2")
+    rundir = RunDir(ns.out, overwrite=True)
+    try:
+        device = resolve_device(ns.device)
+        dense, tokenizer = load_model(ns.dense, ns.dtype)
+        seqlen = effective_seqlen(dense, ns.eval_seqlen)
+        windows = eval_windows(tokenizer(eval_text(ns.data, ns.data_dir))["input_ids"], seqlen, ns.eval_windows)
+        runs: dict[str, list[float]] = {}
+        for path in ns.model:
+            pruned, _ = load_model(path, ns.dtype)
+            runs[Path(path).name or path] = block_errors(dense, pruned, windows, ns.eval_batch_size, device)
+            del pruned
+        result = {
+            "dense": ns.dense, "data": ns.data, "seqlen": seqlen, "windows": int(windows.shape[0]),
+            "models": ns.model, "errors": runs,
+        }
+        rundir.write_json("errors.json", result)
+        plot_block_errors(runs, rundir.path("block_errors.png"), f"{ns.data}, {windows.shape[0]} x {seqlen} tokens")
+        rundir.commit()
+    except BaseException:
+        rundir.discard()
+        raise
+    for name, errs in runs.items():
+        print(f"{name}: error at block 0 {errs[0]:.4f}, last block {errs[-1]:.4f}")
+    print(f"written to {ns.out}/errors.json and block_errors.png")
+    return 0
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import resolve_device
@@ -177,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
-    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "generate-calib": _cmd_generate}[ns.command]
+    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "error": _cmd_error, "generate-calib": _cmd_generate}[ns.command]
     try:
         return handler(ns)
     except PrunekitError as e:

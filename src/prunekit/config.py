@@ -95,8 +95,11 @@ class CalibConfig:
     data_dir: str | None = None  # default: $PRUNEKIT_DATA_DIR
     gen_batch_size: int = 16  # batch size when the dense model writes its own calibration text
     cache_dir: str | None = None  # where self-generated text is cached; default: $PRUNEKIT_CACHE_DIR or ~/.cache/prunekit
+    calib_mix: float = 0.0  # with a corpus in `calib`: this fraction of the windows is self-generated instead
 
     def validate(self) -> None:
+        if not (0.0 <= self.calib_mix <= 1.0):
+            raise PrunekitError(f"calib-mix {self.calib_mix} is outside [0, 1]; give the self-generated fraction")
         if self.nsamples < 1:
             raise PrunekitError(f"nsamples is {self.nsamples}; use at least 1 calibration window")
         if self.seqlen < 2:

@@ -76,7 +76,7 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
     mean_diag = torch.mean(torch.diag(h)).item()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     damp = percdamp
-    for _ in range(6):
+    while damp <= 100.0:
         try:
             lower = torch.linalg.cholesky(h + (damp * mean_diag) * eye)
             hinv = torch.cholesky_inverse(lower)
@@ -97,7 +97,7 @@ def sparsegpt_prune(
     pruned one by one with the OBS update that moves each pruned weight's error onto the columns not
     yet processed. Returns the new float32 weight and the mask.
     """
-    w = weight.detach().float().clone()
+    w = weight.detach().float().contiguous().clone()  # GPT-2's Conv1D hands in a transposed view
     h = hessian.detach().float().clone()
     rows, cols = w.shape
     dead = torch.diag(h) == 0

@@ -150,14 +150,18 @@ def eval_text(name: str, data_dir_setting: str | None = None) -> str:
 
 
 def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens, SparseGPT's way; returns ``[nsamples, seqlen]``."""
+    """``nsamples`` random windows of ``seqlen`` tokens, SparseGPT's way; returns ``[nsamples, seqlen]``.
+
+    For a single running text no document is drawn, as in SparseGPT's WikiText-2/PTB loaders.
+    """
     random.seed(seed)
     cache: dict[int, list[int]] = {}
     out = []
     longest = 0
     attempts = 0
     while len(out) < nsamples:
-        i = random.randint(0, len(docs) - 1)
+        # one running text (WikiText-2, PTB): SparseGPT draws only the window start
+        i = 0 if len(docs) == 1 else random.randint(0, len(docs) - 1)
         if i not in cache:
             cache[i] = tokenizer(docs[i])["input_ids"]
         ids = cache[i]

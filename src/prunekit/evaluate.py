@@ -99,3 +99,52 @@ def perplexity_of_ids(
     nll = window_losses(model, windows, batch_size, device, desc=f"perplexity {name}")
     ppl = math.exp(sum(nll) / len(nll))
     return Perplexity(name, ppl, int(windows.shape[1]), int(windows.shape[0]), nll, time.perf_counter() - t)
+
+
+@torch.no_grad()
+def block_errors(
+    dense: nn.Module, pruned: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str
+) -> list[float]:
+    """Normalised error ``sum ||h_dense - h_pruned||^2 / sum ||h_dense||^2`` at every block's output.
+
+    Each model runs its own full forward pass (global propagation), so block ``i``'s error is what
+    the pruned model has accumulated up to there: the Rethinking paper's Figure 3.
+    """
+    from .families import discover
+
+    device = torch.device(device)
+    blocks_d = discover(dense).blocks
+    blocks_p = discover(pruned).blocks
+    if len(blocks_d) != len(blocks_p):
+        raise PrunekitError(f"the pruned model has {len(blocks_p)} blocks and the dense one {len(blocks_d)}; compare matching models")
+    num = torch.zeros(len(blocks_d), dtype=torch.float64)
+    den = torch.zeros(len(blocks_d), dtype=torch.float64)
+    store: list[torch.Tensor] = [torch.empty(0)] * len(blocks_d)
+
+    def keep(i: int):
+        def hook(_m, _i, out):
+            store[i] = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        return hook
+
+    def compare(i: int):
+        def hook(_m, _i, out):
+            h = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            num[i] += float(((h - store[i]) ** 2).sum())
+            den[i] += float((store[i] ** 2).sum())
+        return hook
+
+    handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(blocks_d)]
+    handles += [b.register_forward_hook(compare(i)) for i, b in enumerate(blocks_p)]
+    dense.to(device)
+    pruned.to(device)
+    try:
+        for b in tqdm(range(0, windows.shape[0], batch_size), desc="block errors", unit="batch"):
+            ids = windows[b : b + batch_size].to(device)
+            dense.base_model(input_ids=ids, use_cache=False)
+            pruned.base_model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        dense.to("cpu")
+        pruned.to("cpu")
+    return (num / den.clamp_min(1e-30)).tolist()

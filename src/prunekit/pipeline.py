@@ -62,12 +62,20 @@ def calibration_ids(model: nn.Module, tokenizer, calib: CalibConfig, device: tor
     ctx = context_length(model)
     if ctx is not None and calib.seqlen > ctx:
         raise PrunekitError(f"seqlen {calib.seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
-    if calib.calib == "self":
-        return self_calibration(
-            model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, calib.gen_batch_size, device, calib.cache_dir
+    n_self = calib.nsamples if calib.calib == "self" else round(calib.nsamples * calib.calib_mix)
+    parts = []
+    if n_self < calib.nsamples:
+        docs = documents(calib.calib, calib.data_dir)
+        parts.append(sample_windows(docs, tokenizer, calib.nsamples - n_self, calib.seqlen, calib.seed))
+    if n_self:
+        parts.append(
+            self_calibration(model, tokenizer, n_self, calib.seqlen, calib.seed, calib.gen_batch_size, device, calib.cache_dir)
         )
-    docs = documents(calib.calib, calib.data_dir)
-    return sample_windows(docs, tokenizer, calib.nsamples, calib.seqlen, calib.seed)
+    if len(parts) == 1:
+        return parts[0]
+    # a mix: shuffle (with the seed) so that training and held-out windows both hold both kinds
+    ids = torch.cat(parts)
+    return ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(calib.seed))]
 
 
 @dataclass

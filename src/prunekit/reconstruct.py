@@ -53,6 +53,13 @@ def _raise_value(value: Any) -> None:
     raise _Probe(value[0] if isinstance(value, (tuple, list)) else value)
 
 
+def _like(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Restore ``[batch, seq, dim]`` where the model flattened tokens (OPT's MLP reads ``[batch*seq, dim]``)."""
+    if value.dim() == 2 and x.dim() == 3:
+        return value.view(x.shape[0], x.shape[1], -1)
+    return value
+
+
 class Window:
     """Blocks ``lo..hi-1`` of a model (the pruned ones, or their dense copies) run as one function."""
 
@@ -81,7 +88,7 @@ class Window:
         try:
             self.run(x)
         except _Probe as p:
-            return p.value
+            return _like(p.value, x)
         finally:
             handle.remove()
         raise RuntimeError("the probed point was not reached in the window's forward pass")
@@ -122,7 +129,7 @@ def _attn_forward(window: Window, pos: int, mid_norm: nn.Module) -> Callable[[to
         try:
             run_block(window.blocks[pos], x, window.kwargs(pos, x.shape[0]))
         except _Probe as p:
-            return p.value
+            return _like(p.value, x)
         finally:
             handle.remove()
         raise RuntimeError("the mid norm was not reached in the block's forward pass")
@@ -378,7 +385,7 @@ def _adam(
                     loss.backward()
                     opt.step()
                     sched.step()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     record.steps += 1
                     record.flops += _unit_flops(unit, len(idx) * tokens)
             record.loss_curve.append(sum(losses) / len(losses))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from .errors import PrunekitError
 from .evaluate import Perplexity, effective_seqlen, perplexity_of_ids
 from .models import load_model, save_model
 from .pipeline import prune, resolve_device
-from .report import render_markdown, summary_lines
+from .report import plot_unit_errors, render_markdown, summary_lines
 from .rundir import RunDir
 from .selfgen import self_calibration
 
@@ -81,6 +81,38 @@ def evaluate_sets(model: nn.Module, sets: list[EvalSet], batch_size: int, device
     return [perplexity_of_ids(model, s.name, s.windows, batch_size, device) for s in sets]
 
 
+def matmul_gflops(device: torch.device, size: int = 1024, seconds: float = 1.0) -> float:
+    """The device's float32 matmul rate, measured now (the yardstick for reconstruction throughput)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    n = 0
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * n / (time.perf_counter() - t) / 1e9
+
+
+def reconstruction_metrics(report, device: torch.device) -> dict[str, Any]:
+    """Errors before/after per unit and overall, and the training throughput against the matmul rate."""
+    train_s = sum(u.seconds for u in report.units)
+    flops = sum(u.flops for u in report.units)
+    out: dict[str, Any] = {
+        "settings": report.recon,
+        "heldout_windows": report.heldout_windows,
+        "error": report.error_summary(),
+        "units": [asdict(u) for u in report.units],
+    }
+    if flops:
+        achieved = flops / max(train_s, 1e-9) / 1e9
+        peak = matmul_gflops(device)
+        out["throughput"] = {"train_gflops": achieved, "matmul_gflops": peak, "fraction": achieved / peak}
+    return out
+
+
 def run_prune(cfg: RunConfig) -> dict[str, Any]:
     """Run the whole job described by ``cfg`` and return its metrics (also written to ``cfg.out``)."""
     sparsity = cfg.validate()
@@ -126,6 +158,8 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
             "timing": {"load_s": load_s, **report.timing, "eval_s": eval_s},
             "notes": notes,
         }
+        if report.units:
+            metrics["reconstruction"] = reconstruction_metrics(report, device)
         if rundir is not None:
             t = time.perf_counter()
             save_model(model, tokenizer, rundir.tmp)
@@ -137,6 +171,9 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
         if rundir is not None:
             rundir.write_text("config.yaml", dump_yaml(cfg))
             rundir.write_json("metrics.json", metrics)
+            if report.units:
+                plot_unit_errors(report.units, rundir.path("unit_errors.png"))
+                metrics["plots"] = ["unit_errors.png"]
             rundir.write_text("report.md", render_markdown(metrics))
             rundir.commit()
         for line in summary_lines(metrics):
