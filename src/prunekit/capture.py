@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -158,8 +158,13 @@ def capture(
     batch_size: int,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
 ) -> Captured:
-    """Run the model's embedding stage on ``input_ids`` and record what each block would receive."""
+    """Run the model's embedding stage on ``input_ids`` and record what each block would receive.
+
+    ``allocate(shape, dtype)`` makes the CPU tensor that holds block 0's inputs (RAM by default;
+    :class:`prunekit.streams.StreamAllocator` maps it from disk for big runs).
+    """
     device = torch.device(device)
     stems = _children_deep(model.base_model, blocks)
     for m in stems:
@@ -168,7 +173,7 @@ def capture(
     sink = _Sink(last=len(blocks) - 1)
     for i, block in enumerate(originals):
         blocks[i] = _Recorder(block, i, sink)
-    hidden_parts: list[torch.Tensor] = []
+    hidden: torch.Tensor | None = None
     kwargs: list[list[dict[str, Any]]] = []
     try:
         for b in tqdm(range(0, input_ids.shape[0], batch_size), desc="capturing block inputs", disable=not progress):
@@ -180,14 +185,17 @@ def capture(
                 pass
             if sink.hidden is None or len(sink.kwargs) != len(blocks):
                 raise RuntimeError("capture did not reach every block; the model calls its blocks in an unexpected way")
-            hidden_parts.append(sink.hidden.to("cpu"))
+            if hidden is None:
+                shape = (input_ids.shape[0], *sink.hidden.shape[1:])
+                hidden = (allocate or (lambda sh, dt: torch.empty(sh, dtype=dt)))(shape, sink.hidden.dtype)
+            hidden[b : b + batch.shape[0]] = sink.hidden.to("cpu")
             kwargs.append([to_device(kw, "cpu") for kw in sink.kwargs])
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
         for m in stems:
             m.to("cpu")
-    return Captured(hidden=torch.cat(hidden_parts), kwargs=kwargs, batch_size=batch_size)
+    return Captured(hidden=hidden, kwargs=kwargs, batch_size=batch_size)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

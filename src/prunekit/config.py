@@ -237,12 +237,16 @@ class PruneConfig:
     recon: ReconConfig = field(default_factory=ReconConfig)
     batch_size: int = 8  # sequences per forward pass and per gradient step (Rethinking paper: 8)
     device: str = "auto"
+    offload: str = "auto"  # activation streams: ram | disk (memory-mapped) | auto (disk when RAM is short)
+    offload_dir: str | None = None  # where memory-mapped streams go (default: the system temp dir)
 
     def validate(self) -> Sparsity:
         self.calib.validate()
         self.recon.validate()
         if self.batch_size < 1:
             raise PrunekitError("batch-size must be at least 1")
+        if self.offload not in ("auto", "ram", "disk"):
+            raise PrunekitError(f"unknown offload {self.offload!r}; choose auto, ram or disk")
         return self.sparsity.validate()
 
 

@@ -42,6 +42,7 @@ from .masks import check_layer, expected_fraction
 from .models import context_length
 from .reconstruct import Point, UnitRecord, Window, build_units, collect, fit
 from .selfgen import self_calibration
+from .streams import StreamAllocator
 
 log = logging.getLogger(__name__)
 
@@ -220,16 +221,20 @@ def prune(
             raise PrunekitError("a held-out part needs at least 2 calibration windows; raise --nsamples or use --holdout 0")
         n_held = min(max(1, round(n * rc.holdout)), n - 1)
     report.heldout_windows = n_held
+
+    t_prune = time.perf_counter()
+    needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global")
+    # streams kept at once: sparse, dense, a unit's inputs and targets (when reconstructing); files
+    # of memory-mapped streams go when the allocator is closed below or garbage-collected
+    streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1)
     train_rows = torch.arange(n - n_held)
     held_rows = torch.arange(n - n_held, n)
     all_rows = torch.arange(n)
     bs = config.batch_size
-
-    t_prune = time.perf_counter()
-    captured = capture(model, layout.blocks, calib_ids, bs, device, progress) if needs_streams else None
+    alloc = streams.empty
+    captured = capture(model, layout.blocks, calib_ids, bs, device, progress, alloc) if needs_streams else None
     sparse = captured.hidden if captured is not None else None
-    needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global")
-    dense_stream = sparse.clone() if needs_dense_stream else None
+    dense_stream = streams.like(sparse) if needs_dense_stream else None
     keep_dense = rc.trains or rc.measures or (rc.window > 1 and rc.recompute_masks)
     prefix = layout.family.blocks
     blocks = layout.blocks
@@ -288,13 +293,13 @@ def prune(
                 build_units(layout, win, rc.granularity, prefix), build_units(layout, dwin, rc.granularity, prefix)
             ):
                 if rc.inputs == "sparse":
-                    inputs = collect(win, sparse, unit.input, all_rows, bs)
+                    inputs = collect(win, sparse, unit.input, all_rows, bs, alloc)
                 else:
-                    inputs = collect(dwin, dense_stream, dunit.input, all_rows, bs)
+                    inputs = collect(dwin, dense_stream, dunit.input, all_rows, bs, alloc)
                 if rc.targets == "global":
-                    targets = collect(dwin, dense_stream, dunit.output, all_rows, bs)
+                    targets = collect(dwin, dense_stream, dunit.output, all_rows, bs, alloc)
                 else:
-                    targets = _apply(dunit.forward, inputs, bs, device)
+                    targets = _apply(dunit.forward, inputs, bs, device, alloc)
                 record = fit(
                     unit, window_masks, inputs, targets, train_rows, held_rows,
                     rc,
@@ -316,6 +321,7 @@ def prune(
             blocks[j].to("cpu")
             if j in dense:
                 dense[j].to("cpu")
+    streams.close()
     report.timing["prune_s"] = time.perf_counter() - t_prune
     if rc.trains or rc.measures:
         report.timing["recon_s"] = recon_s
@@ -333,5 +339,12 @@ def _numel(model: nn.Module, name: str) -> int:
 
 
 @torch.no_grad()
-def _apply(fn, inputs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([fn(inputs[b : b + batch_size].to(device)).to("cpu", inputs.dtype) for b in range(0, inputs.shape[0], batch_size)])
+def _apply(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, allocate) -> torch.Tensor:
+    """``fn`` over ``inputs`` batch by batch, into a new stream."""
+    out = None
+    for b in range(0, inputs.shape[0], batch_size):
+        y = fn(inputs[b : b + batch_size].to(device)).to("cpu", inputs.dtype)
+        if out is None:
+            out = allocate((inputs.shape[0], *y.shape[1:]), y.dtype)
+        out[b : b + y.shape[0]] = y
+    return out

@@ -97,15 +97,19 @@ class Window:
 @torch.no_grad()
 def collect(
     window: Window, stream: torch.Tensor, point: Point, rows: torch.Tensor, batch_size: int,
-    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``fn(value at point)`` for every row of ``stream`` (``[n, seq, hidden]`` on CPU), on CPU."""
-    parts = []
+    """The value at ``point`` for every row of ``stream`` (``[n, seq, hidden]`` on CPU), on CPU."""
+    out: torch.Tensor | None = None
     for b in range(0, len(rows), batch_size):
         idx = rows[b : b + batch_size]
-        v = window.value_at(stream[idx].to(window.device), point)
-        parts.append((fn(v) if fn else v).to("cpu", stream.dtype))
-    return torch.cat(parts)
+        v = window.value_at(stream[idx].to(window.device), point).to("cpu", stream.dtype)
+        if out is None:
+            shape = (len(rows), *v.shape[1:])
+            out = allocate(shape, v.dtype) if allocate else torch.empty(shape, dtype=v.dtype)
+        out[b : b + len(idx)] = v
+    assert out is not None
+    return out
 
 
 # ----------------------------------------------------------------------------- units
