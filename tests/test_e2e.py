@@ -112,3 +112,51 @@ def test_cli_main_job_end_to_end(tmp_path, data_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     reported = float(res.stdout.split("perplexity ")[1].split()[0])
     assert reported == pytest.approx(metrics["perplexity"]["wikitext2"], rel=1e-4)
+
+
+@requires_model
+def test_cli_run_killed_part_way_resumes_to_the_same_model(default_model, tmp_path, data_dir):
+    """A real `prunekit prune` process is killed after its second checkpoint, resumed, and compared."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = default_model
+    src = tmp_path / "tiny"
+    cfg = LlamaConfig(vocab_size=tok.vocab_size if tok.vocab_size >= 49152 else 49152, hidden_size=64,
+                      intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    tok.save_pretrained(src)
+    env = dict(os.environ, PRUNEKIT_DATA_DIR=str(data_dir), PRUNEKIT_CACHE_DIR=str(tmp_path / "cache"))
+    args = ["--model", str(src), "--method", "sparsegpt", "--calib", "c4", "--nsamples", "8", "--seqlen", "64",
+            "--recon", "br-gp", "--epochs", "3", "--eval", "none", "--device", "cpu"]
+    base = [sys.executable, "-m", "prunekit.cli", "prune"]
+    res = subprocess.run(base + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(base + args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".killed.partial" / "checkpoint" / "state.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and torch.load(state, weights_only=False)["window"] >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists()
+    # a new run into the same place is refused while the interrupted one waits
+    res = subprocess.run(base + args + ["--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 2 and "--resume" in res.stderr
+    res = subprocess.run(base + ["--resume", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming after window" in res.stderr
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "checkpoint").exists() and not (tmp_path / ".killed.partial").exists()

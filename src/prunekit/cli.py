@@ -21,7 +21,8 @@ from .errors import PrunekitError
 
 log = logging.getLogger("prunekit")
 
-_ALIASES = {"eval": ["--data"]}  # `prunekit eval --data wikitext2` reads better than `--eval`
+# `prunekit eval --data wikitext2 --tasks boolq --limit 50` reads better than the field names
+_ALIASES = {"eval": ["--data"], "eval_tasks": ["--tasks"], "eval_limit": ["--limit"]}
 _HELP = {
     "model": "hub id, local model directory, .gguf file, or smollm2-135m (default)",
     "method": "magnitude | wanda | sparsegpt",
@@ -40,6 +41,8 @@ _HELP = {
     "stride": "blocks a window advances by (overrides the preset)",
     "epochs": "passes over the calibration windows per unit (overrides the preset)",
     "holdout": "fraction of calibration windows held out to measure reconstruction error",
+    "eval_tasks": "zero-shot tasks: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa,lambada, or paper / all",
+    "eval_limit": "first N items of each zero-shot task; 0 = all",
     "calib_mix": "fraction of the calibration windows written by the model itself, mixed into --calib",
 }
 
@@ -59,7 +62,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cfg: Any, only: set[st
             parser.add_argument(*flags, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
 
 
-def _apply(cfg: Any, ns: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "verbose")) -> None:
+def _apply(cfg: Any, ns: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "verbose", "resume")) -> None:
     if getattr(ns, "config", None):
         load_yaml(ns.config, cfg)
     for key, value in vars(ns).items():
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model, evaluate it and save it")
     p.add_argument("--config", help="YAML file with settings (flags override it)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run whose --out was DIR (its settings are reused)")
     _add_dataclass_flags(p, RunConfig())
 
     e = sub.add_parser("eval", help="perplexity of a (pruned) model")
@@ -92,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32")
     r.add_argument("--out", required=True, help="directory for errors.json and block_errors.png")
 
+    c = sub.add_parser("report", help="one Markdown and HTML page comparing run directories")
+    c.add_argument("runs", nargs="+", help="run directories written by `prunekit prune`")
+    c.add_argument("--out", default="report", help="output directory (default: ./report)")
+
     g = sub.add_parser("generate-calib", help="let the dense model write calibration text (cached for prune)")
     _add_dataclass_flags(g, RunConfig(), only={"model", "dtype", "device", "nsamples", "seqlen", "seed", "gen_batch_size", "cache_dir"})
     g.add_argument("--out", help="also write the windows as JSON lines of text to this file")
@@ -107,8 +115,14 @@ class _EvalRun:
 
 
 def _cmd_prune(ns: argparse.Namespace) -> int:
-    from .run import run_prune
+    from .run import resume_config, run_prune
 
+    if ns.resume:
+        cfg = resume_config(ns.resume)
+        if getattr(ns, "device", None):
+            cfg.model.device = ns.device  # a resumed run may move to another device; nothing else changes
+        run_prune(cfg, resume=True)
+        return 0
     cfg = RunConfig()
     _apply(cfg, ns)
     if not cfg.out:
@@ -122,15 +136,17 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import resolve_device
     from .rundir import RunDir
-    from .run import EvalSet, evaluate_sets, peak_rss_mb
+    from .run import EvalSet, evaluate_sets, peak_rss_mb, run_zeroshot
     from .data import eval_text, eval_windows
 
     cfg = _EvalRun()
     _apply(cfg, ns)
     cfg.model.validate()
+    if ns.command == "eval" and "eval" not in vars(ns) and cfg.eval.eval_tasks:
+        cfg.eval.eval = "none"  # `prunekit eval --tasks ...` alone: zero-shot only
     cfg.eval.validate()
-    if not cfg.eval.datasets():
-        raise PrunekitError("nothing to evaluate; pass --data wikitext2 (or ptb, c4, a .txt/.jsonl file)")
+    if not cfg.eval.datasets() and not cfg.eval.eval_tasks:
+        raise PrunekitError("nothing to evaluate; pass --data wikitext2 (or ptb, c4, a .txt/.jsonl file) or --tasks boolq,...")
     rundir = RunDir(cfg.out, overwrite=True) if cfg.out else None
     try:
         device = resolve_device(cfg.model.device)
@@ -142,17 +158,25 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
         ]
         t = time.perf_counter()
         results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device)
-        metrics = {
+        metrics: dict[str, Any] = {
             "model": cfg.model.model,
             "perplexity": {r.dataset: r.ppl for r in results},
             "perplexity_detail": {r.dataset: {"seqlen": r.seqlen, "windows": r.windows, "seconds": r.seconds} for r in results},
-            "timing": {"eval_s": time.perf_counter() - t},
-            "peak_rss_mb": peak_rss_mb(),
         }
         for r in results:
             print(f"{r.dataset}: perplexity {r.ppl:.3f} ({r.windows} windows of {r.seqlen} tokens)")
+        markdown = ""
+        if cfg.eval.eval_tasks:
+            zs = run_zeroshot(model, tokenizer, cfg.eval, cfg.data_dir, device)
+            metrics["zeroshot"] = zs.to_dict()
+            markdown = zs.to_markdown()
+            print(markdown)
+        metrics["timing"] = {"eval_s": time.perf_counter() - t}
+        metrics["peak_rss_mb"] = peak_rss_mb()
         if rundir is not None:
             rundir.write_json("metrics.json", metrics)
+            if markdown:
+                rundir.write_text("zeroshot.md", markdown + "\n")
             rundir.commit()
     except BaseException:
         if rundir is not None:
@@ -198,6 +222,15 @@ def _cmd_error(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from .report import compare_runs
+
+    out = ns.out
+    compare_runs(ns.runs, out)
+    print(f"written {out}/report.md and {out}/report.html")
+    return 0
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import resolve_device
@@ -235,14 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
-    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "error": _cmd_error, "generate-calib": _cmd_generate}[ns.command]
+    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "error": _cmd_error, "report": _cmd_report,
+               "generate-calib": _cmd_generate}[ns.command]
     try:
         return handler(ns)
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunekit: interrupted; nothing was written", file=sys.stderr)
+        print("prunekit: interrupted; an unfinished run can be continued with `prunekit prune --resume DIR`", file=sys.stderr)
         return 130
 
 

@@ -258,6 +258,8 @@ class EvalConfig:
     eval_seqlen: int = 2048  # capped at the model's context length
     eval_windows: int = 16  # first K non-overlapping windows; 0 = the whole corpus (the papers' protocol)
     eval_batch_size: int = 4
+    eval_tasks: str = ""  # zero-shot tasks, comma-separated (e.g. boolq,rte,hellaswag or `paper`); "" = none
+    eval_limit: int = 0  # first N items of each zero-shot task; 0 = all
 
     def datasets(self) -> list[str]:
         names = [d.strip() for d in self.eval.split(",") if d.strip()]
@@ -270,6 +272,12 @@ class EvalConfig:
             raise PrunekitError("eval-windows must be 0 (all windows) or a positive count")
         if self.eval_batch_size < 1:
             raise PrunekitError("eval-batch-size must be at least 1")
+        if self.eval_limit < 0:
+            raise PrunekitError("limit must be 0 (all items) or a positive count")
+        if self.eval_tasks:
+            from .zeroshot import parse_tasks
+
+            parse_tasks(self.eval_tasks)
 
 
 @dataclass

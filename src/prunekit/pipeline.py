@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import Checkpointer
 from .capture import Captured, capture, propagate, run_block, to_device
 from .config import CalibConfig, PruneConfig, ReconConfig
 from .criteria import InputStats, make_criterion
@@ -182,10 +183,15 @@ def prune(
     config: PruneConfig | None = None,
     calib_ids: torch.Tensor | None = None,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
+    on_window: Callable[[int], None] | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place, window by window, reconstruct it as configured, return a :class:`PruneReport`.
 
     ``calib_ids`` (``[n, seqlen]`` token ids) overrides the calibration data named in the config.
+    With a ``checkpoint``, the run saves its state after every window and, when the checkpoint holds
+    a state, continues from it (``model`` must then be the original dense model). ``on_window(k)``
+    is called after window ``k`` is finished and checkpointed.
     """
     config = config or PruneConfig()
     sparsity = config.validate()
@@ -208,8 +214,12 @@ def prune(
     needs_streams = criterion.needs_inputs or rc.trains or rc.measures
     if needs_streams:
         t = time.perf_counter()
+        if calib_ids is None and checkpoint is not None:
+            calib_ids = checkpoint.calibration()
         if calib_ids is None:
             calib_ids = calibration_ids(model, tokenizer, config.calib, device)
+        if checkpoint is not None:
+            checkpoint.save_calibration(calib_ids)
         report.nsamples, report.seqlen = int(calib_ids.shape[0]), int(calib_ids.shape[1])
         report.timing["calib_s"] = time.perf_counter() - t
     else:
@@ -243,8 +253,29 @@ def prune(
     pos = 0  # the streams hold the input of block `pos`
     recon_s = 0.0
     plan = windows(len(blocks), rc.window, rc.stride)
+    start = 0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:  # resume: finished blocks from the checkpoint, dense copies from the original
+        start, pos = state["window"] + 1, state["pos"]
+        for j in state["block_files"]:
+            if keep_dense and j >= pos:
+                dense[j] = copy.deepcopy(blocks[j])
+            blocks[j].load_state_dict(checkpoint.block_state(j))
+        if sparse is not None:
+            sparse.copy_(state["streams"]["sparse"])
+        if dense_stream is not None:
+            dense_stream.copy_(state["streams"]["dense"])
+        masks = state["masks"]
+        saved = state["report"]
+        report.per_layer, report.notes = saved["per_layer"], saved["notes"]
+        report.units = [UnitRecord(**u) for u in saved["units"]]
+        recon_s = saved["recon_s"]
+        log.info("resuming after window %d of %d", start, len(plan))
     desc = f"pruning ({settings.method}{', ' + rc.recon if rc.trains else ''})"
-    for lo, hi in tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress):
+    bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=start)
+    for k, (lo, hi) in enumerate(plan):
+        if k < start:
+            continue
         while pos < lo:  # advance the streams; blocks before the window are final
             if sparse is not None:
                 _advance([blocks[pos]], [pos], captured, sparse, device)
@@ -321,6 +352,16 @@ def prune(
             blocks[j].to("cpu")
             if j in dense:
                 dense[j].to("cpu")
+        if checkpoint is not None:
+            checkpoint.save(
+                k, pos, {j: blocks[j] for j in idx}, {"sparse": sparse, "dense": dense_stream}, masks,
+                {"per_layer": report.per_layer, "notes": report.notes, "units": [asdict(u) for u in report.units],
+                 "recon_s": recon_s},
+            )
+        bar.update(1)
+        if on_window is not None:
+            on_window(k)
+    bar.close()
     streams.close()
     report.timing["prune_s"] = time.perf_counter() - t_prune
     if rc.trains or rc.measures:

@@ -60,6 +60,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     out.append(f"| peak memory (RSS) | {metrics['peak_rss_mb']:.0f} MB |")
     if metrics.get("peak_gpu_mb"):
         out.append(f"| peak GPU memory | {metrics['peak_gpu_mb']:.0f} MB |")
+    if metrics.get("zeroshot_markdown"):
+        out += ["", "## Zero-shot accuracy", "", metrics["zeroshot_markdown"]]
     rec = metrics.get("reconstruction")
     if rec:
         r = rec["settings"]
@@ -148,3 +150,146 @@ def plot_block_errors(runs: dict[str, list[float]], path, subtitle: str = "") ->
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+def load_run(directory) -> dict[str, Any]:
+    """A run directory's metrics.json (and its name), for :func:`compare_runs`."""
+    import json
+    from pathlib import Path
+
+    from .errors import PrunekitError
+
+    d = Path(directory)
+    path = d / "metrics.json"
+    if not path.is_file():
+        raise PrunekitError(f"{d} has no metrics.json; give run directories written by `prunekit prune`")
+    metrics = json.loads(path.read_text())
+    metrics["_name"] = d.name
+    metrics["_dir"] = str(d)
+    return metrics
+
+
+def _cell(value: Any, fmt: str = "{:.3f}") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return fmt.format(value)
+    return str(value)
+
+
+def comparison_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table: settings, sparsity, perplexities, zero-shot, time, memory."""
+    datasets = sorted({d for r in runs for d in r.get("perplexity", {})})
+    tasks = sorted({t for r in runs for t in r.get("zeroshot", {}).get("tasks", {})})
+    header = ["run", "method", "sparsity", "recon", "calib", "overall sparsity"]
+    header += [f"ppl {d}" for d in datasets] + [f"{t} acc" for t in tasks]
+    header += ["zero-shot mean", "calib error after", "held-out error after", "prune s", "peak MB"]
+    rows = []
+    for r in runs:
+        s = r.get("settings", {})
+        rec = r.get("reconstruction", {})
+        err = rec.get("error", {})
+        zs = r.get("zeroshot", {})
+        row = [
+            r["_name"], s.get("method", "-"), s.get("sparsity", "-"), rec.get("settings", {}).get("recon", "lr"),
+            f"{s.get('calib', '-')} {s.get('nsamples', '')}x{s.get('seqlen', '')}",
+            _cell(r.get("sparsity", {}).get("overall"), "{:.4f}"),
+        ]
+        row += [_cell(r.get("perplexity", {}).get(d)) for d in datasets]
+        for t in tasks:
+            m = zs.get("tasks", {}).get(t)
+            row.append("-" if m is None else f"{m.get('acc_norm', m['acc']):.4f}")
+        row += [
+            _cell(zs.get("mean_acc"), "{:.4f}"), _cell(err.get("calib_after"), "{:.4f}"),
+            _cell(err.get("heldout_after"), "{:.4f}"), _cell(r.get("timing", {}).get("prune_s"), "{:.1f}"),
+            _cell(r.get("peak_rss_mb"), "{:.0f}"),
+        ]
+        rows.append(row)
+    return header, rows
+
+
+def plot_loss_curves(runs: list[dict[str, Any]], path) -> bool:
+    """Mean training loss per epoch, averaged over a run's units, one line per run."""
+    curves = {}
+    for r in runs:
+        units = r.get("reconstruction", {}).get("units", [])
+        per_epoch: dict[int, list[float]] = {}
+        for u in units:
+            for e, v in enumerate(u.get("loss_curve", [])):
+                per_epoch.setdefault(e, []).append(v)
+        if per_epoch:
+            curves[r["_name"]] = [sum(v) / len(v) for _, v in sorted(per_epoch.items())]
+    if not curves:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, c in curves.items():
+        ax.plot(range(1, len(c) + 1), c, marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean unit training loss (MSE)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def compare_runs(run_dirs: list[str], out_dir) -> tuple[str, str]:
+    """Write ``report.md`` and ``report.html`` comparing runs into ``out_dir``; return both texts."""
+    import html
+    import os
+    import shutil
+    from pathlib import Path
+
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = comparison_rows(runs)
+    md = ["# prunekit: comparison of runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    plots = []
+    if plot_loss_curves(runs, out / "loss_curves.png"):
+        plots.append(("Training loss per epoch", "loss_curves.png"))
+    for r in runs:
+        for p in r.get("plots", []):
+            src = Path(r["_dir"]) / p
+            if src.is_file():
+                dst = f"{r['_name']}_{p}"
+                shutil.copyfile(src, out / dst)
+                plots.append((f"{r['_name']}: per-unit reconstruction error", dst))
+    notes = [(r["_name"], n) for r in runs for n in r.get("notes", [])]
+    if notes:
+        md += ["", "## Notes", ""] + [f"- **{name}**: {n}" for name, n in notes]
+    for title, p in plots:
+        md += ["", f"## {title}", "", f"![{title}]({p})"]
+    md.append("")
+    esc = html.escape
+    page = [
+        "<!doctype html><meta charset='utf-8'><title>prunekit comparison</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>",
+        "<h1>prunekit: comparison of runs</h1><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>",
+    ]
+    page += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+    page.append("</table>")
+    if notes:
+        page.append("<h2>Notes</h2><ul>" + "".join(f"<li><b>{esc(n)}</b>: {esc(t)}</li>" for n, t in notes) + "</ul>")
+    for title, p in plots:
+        page.append(f"<h2>{esc(title)}</h2><img src='{esc(p)}' alt='{esc(title)}'>")
+    md_text, html_text = "\n".join(md), "\n".join(page) + "\n"
+    for name, text in (("report.md", md_text), ("report.html", html_text)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+    return md_text, html_text

@@ -18,7 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RunConfig, dump_yaml
+import hashlib
+import json
+
+from .checkpoint import Checkpointer
+from .config import RunConfig, dump_yaml, load_yaml, to_dict
 from .data import eval_text, eval_windows
 from .errors import PrunekitError
 from .evaluate import Perplexity, effective_seqlen, perplexity_of_ids
@@ -77,6 +81,16 @@ def prepare_eval_sets(model: nn.Module, tokenizer, cfg: RunConfig, device: torch
     return sets
 
 
+def run_zeroshot(model: nn.Module, tokenizer, ev, data_dir: str | None, device: torch.device):
+    """Zero-shot accuracy on ``ev.eval_tasks`` (see :mod:`prunekit.zeroshot`)."""
+    from .zeroshot import evaluate_tasks, parse_tasks
+
+    return evaluate_tasks(
+        model, tokenizer, parse_tasks(ev.eval_tasks), data_dir=data_dir, limit=ev.eval_limit or None,
+        batch_size=ev.eval_batch_size, device=device,
+    )
+
+
 def evaluate_sets(model: nn.Module, sets: list[EvalSet], batch_size: int, device: torch.device) -> list[Perplexity]:
     return [perplexity_of_ids(model, s.name, s.windows, batch_size, device) for s in sets]
 
@@ -113,11 +127,40 @@ def reconstruction_metrics(report, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def run_prune(cfg: RunConfig) -> dict[str, Any]:
-    """Run the whole job described by ``cfg`` and return its metrics (also written to ``cfg.out``)."""
+def settings_fingerprint(cfg: RunConfig) -> str:
+    """What a checkpoint must agree on to be resumed: everything but output and placement settings."""
+    d = to_dict(cfg)
+    for key in ("out", "overwrite"):
+        d.pop(key, None)
+    d["model"].pop("device", None)
+    for key in ("device", "offload", "offload_dir"):
+        d["prune"].pop(key, None)
+    d["prune"]["calib"].pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_config(out: str) -> RunConfig:
+    """The settings of the interrupted run at ``out`` (from its partial directory's config.yaml)."""
+    cfg = RunConfig()
+    partial = Path(out).expanduser()
+    load_yaml(partial.parent / f".{partial.name}.partial" / "config.yaml", cfg)
+    cfg.out = out
+    return cfg
+
+
+def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Run the whole job described by ``cfg`` and return its metrics (also written to ``cfg.out``).
+
+    The run checkpoints after every window into its partial output directory; with ``resume`` it
+    continues an interrupted run there (``cfg`` should come from :func:`resume_config`).
+    """
     sparsity = cfg.validate()
     t0 = time.perf_counter()
-    rundir = RunDir(cfg.out, cfg.overwrite) if cfg.out else None
+    rundir = RunDir(cfg.out, cfg.overwrite, resume=resume, resumable=True) if cfg.out else None
+    checkpoint = None
+    if rundir is not None:
+        rundir.write_text("config.yaml", dump_yaml(cfg))
+        checkpoint = Checkpointer(rundir.path("checkpoint"), settings_fingerprint(cfg))
     try:
         device = resolve_device(cfg.prune.device)
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
@@ -126,9 +169,10 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             rundir.check_space(int(size * 1.2))
         sets = prepare_eval_sets(model, tokenizer, cfg, device)
-        model, report = prune(model, tokenizer, cfg.prune)
+        model, report = prune(model, tokenizer, cfg.prune, checkpoint=checkpoint)
         t = time.perf_counter()
         results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device)
+        zeroshot = run_zeroshot(model, tokenizer, cfg.eval, cfg.prune.calib.data_dir, device) if cfg.eval.eval_tasks else None
         eval_s = time.perf_counter() - t
         notes = list(report.notes) + [s.note for s in sets if s.note]
         settings = {
@@ -158,6 +202,9 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
             "timing": {"load_s": load_s, **report.timing, "eval_s": eval_s},
             "notes": notes,
         }
+        if zeroshot is not None:
+            metrics["zeroshot"] = zeroshot.to_dict()
+            metrics["zeroshot_markdown"] = zeroshot.to_markdown()
         if report.units:
             metrics["reconstruction"] = reconstruction_metrics(report, device)
         if rundir is not None:
@@ -181,7 +228,10 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
         if rundir is not None:
             log.info("saved to %s", rundir.final)
         return metrics
-    except BaseException:
+    except BaseException as e:
         if rundir is not None:
-            rundir.discard()
+            if checkpoint is not None and checkpoint.has_state() and not isinstance(e, PrunekitError):
+                log.warning("the run stopped; continue it with: prunekit prune --resume %s", rundir.final)
+            else:
+                rundir.discard()
         raise

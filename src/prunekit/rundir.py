@@ -1,8 +1,9 @@
 """Atomic run directories.
 
-A run writes into a hidden sibling ``.NAME.tmp-PID`` created before any work starts (so an
+A run writes into a hidden sibling ``.NAME.partial`` created before any work starts (so an
 unwritable location or a full disk is reported at once, not after the pruning), and renames it to
-``NAME`` only when everything is written. An interrupted run leaves no half-written ``NAME``.
+``NAME`` only when everything is written. An interrupted run leaves no half-written ``NAME``; its
+partial directory holds the checkpoint that ``prunekit prune --resume NAME`` continues from.
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ from .errors import PrunekitError
 
 
 class RunDir:
-    def __init__(self, out: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, resumable: bool = False) -> None:
         self.final = Path(out).expanduser()
-        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())) and not overwrite:
+        self.tmp = self.final.parent / f".{self.final.name}.partial"
+        if resume:
+            if not (self.tmp / "config.yaml").is_file():
+                raise PrunekitError(f"no interrupted run to resume at {self.final} (no {self.tmp.name}); start it without --resume")
+        elif resumable and self.tmp.exists():
+            raise PrunekitError(
+                f"an interrupted run is at {self.tmp}; continue it with --resume {self.final} or delete that directory"
+            )
+        if not resume and self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())) and not overwrite:
             raise PrunekitError(f"output {self.final} already exists; choose another --out or pass --overwrite")
-        self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            if self.tmp.exists():
+            if self.tmp.exists() and not resume:
                 shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
+            self.tmp.mkdir(exist_ok=True)
             probe = self.tmp / ".write-test"
             probe.write_text("ok")
             probe.unlink()
@@ -55,6 +63,7 @@ class RunDir:
     def commit(self) -> Path:
         """Move the finished run into place (replacing an old one only now, when asked to overwrite)."""
         old = None
+        shutil.rmtree(self.tmp / "checkpoint", ignore_errors=True)
         if self.final.exists():
             old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
             os.replace(self.final, old)

@@ -1,0 +1,84 @@
+"""Reconstruction grid (issue 3): {magnitude, Wanda, SparseGPT} x {LR, BR, BR+GP, BR+GP+CR, attn-mlp+GP}.
+
+One run per process (peak memory is the run's own), through the same code path as `prunekit prune`.
+
+Protocols (`--protocol`):
+- ``cpu-recon-v1``: the default model in float32 at 50% unstructured; C4 calibration, 32 windows of
+  256 tokens (10% held out), seed 0; 2 epochs at the paper's lr 2e-4, batch 8; WikiText-2 and C4
+  perplexity on the first 64 windows of 512 tokens. The paper's sizes do not fit a 2-core CPU in a
+  session: these are reduced, and recorded with every result.
+- ``gpu-v1``: the paper's sizes: 256 windows of 1024 tokens, 10 epochs, perplexity at 2048 tokens
+  on the full sets (needs a GPU).
+
+    python bench/recon_grid.py RUN [--protocol P] [--calib c4|self] [--nsamples N]
+      RUN = CRITERION-PRESET, e.g. wanda-br-gp (criteria: magnitude, wanda, sparsegpt;
+      presets: lr, br, br-gp, br-gp-cr, attn-mlp-gp, free-lunch)
+Writes bench/results/PROTOCOL/RUN[-calib-N].json; the pruned model goes to bench/work/ (ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from prunekit.config import PRESETS, RunConfig
+from prunekit.run import run_prune
+
+PROTOCOLS = {
+    "cpu-recon-v1": dict(nsamples=32, seqlen=256, epochs=2, eval_seqlen=512, eval_windows=64, device="cpu"),
+    "gpu-v1": dict(nsamples=256, seqlen=1024, epochs=10, eval_seqlen=2048, eval_windows=0, device="cuda"),
+}
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--protocol", default="cpu-recon-v1", choices=sorted(PROTOCOLS))
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
+    a = ap.parse_args()
+    criterion, _, preset = a.run.partition("-")
+    if criterion not in CRITERIA or preset not in PRESETS:
+        raise SystemExit(f"RUN must be CRITERION-PRESET with CRITERION in {CRITERIA} and PRESET in {tuple(PRESETS)}")
+    p = dict(PROTOCOLS[a.protocol])
+    if a.nsamples:
+        p["nsamples"] = a.nsamples
+    name = a.run if (a.calib == "c4" and not a.nsamples) else f"{a.run}-{a.calib}-{p['nsamples']}"
+    here = Path(__file__).parent
+    work = here / "work" / a.protocol / name
+
+    cfg = RunConfig(out=str(work), overwrite=True)
+    cfg.model.device = p["device"]
+    c = cfg.prune.calib
+    c.calib, c.nsamples, c.seqlen, c.seed, c.data_dir = a.calib, p["nsamples"], p["seqlen"], 0, a.data_dir
+    cfg.prune.sparsity.method, cfg.prune.sparsity.sparsity = criterion, "0.5"
+    r = cfg.prune.recon
+    r.recon, r.measure_error, r.holdout = preset, True, 0.1
+    if preset != "lr":
+        r.epochs = p["epochs"]
+    cfg.eval.eval, cfg.eval.eval_seqlen, cfg.eval.eval_windows, cfg.eval.eval_batch_size = (
+        "wikitext2,c4", p["eval_seqlen"], p["eval_windows"], 8,
+    )
+    logging.basicConfig(level=logging.INFO, format="prunekit: %(message)s")
+    metrics = run_prune(cfg)
+    metrics["sparsity"].pop("per_layer")
+    for u in metrics.get("reconstruction", {}).get("units", []):
+        u.pop("heldout_curve", None)
+    out = here / "results" / a.protocol
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"run": name, "protocol": {"name": a.protocol, **p, "calib": a.calib, "holdout": 0.1}, **metrics}
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out / f"{name}.json")
+    if os.environ.get("PRUNEKIT_BENCH_KEEP_MODELS") != "1" and preset not in ("lr", "br", "br-gp", "br-gp-cr"):
+        shutil.rmtree(work, ignore_errors=True)  # the error-vs-block plot needs only the four main presets
+
+
+if __name__ == "__main__":
+    main()
