@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-# A benchmark may be running next to the tests: stay on one core and never touch the network.
-torch.set_num_threads(1)
+# Never touch the network. PRUNEKIT_TEST_THREADS=1 keeps the tests on one core next to a benchmark.
+if os.environ.get("PRUNEKIT_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["PRUNEKIT_TEST_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -260,6 +260,7 @@ class EvalConfig:
     eval_batch_size: int = 4
     eval_tasks: str = ""  # zero-shot tasks, comma-separated (e.g. boolq,rte,hellaswag or `paper`); "" = none
     eval_limit: int = 0  # first N items of each zero-shot task; 0 = all
+    backend: str = "prunekit"  # zero-shot scorer: prunekit | lm-eval (lm-evaluation-harness, when installed)
 
     def datasets(self) -> list[str]:
         names = [d.strip() for d in self.eval.split(",") if d.strip()]
@@ -274,6 +275,8 @@ class EvalConfig:
             raise PrunekitError("eval-batch-size must be at least 1")
         if self.eval_limit < 0:
             raise PrunekitError("limit must be 0 (all items) or a positive count")
+        if self.backend not in ("prunekit", "lm-eval"):
+            raise PrunekitError(f"unknown backend {self.backend!r}; choose prunekit or lm-eval")
         if self.eval_tasks:
             from .zeroshot import parse_tasks
 

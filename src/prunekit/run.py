@@ -82,9 +82,15 @@ def prepare_eval_sets(model: nn.Module, tokenizer, cfg: RunConfig, device: torch
 
 
 def run_zeroshot(model: nn.Module, tokenizer, ev, data_dir: str | None, device: torch.device):
-    """Zero-shot accuracy on ``ev.eval_tasks`` (see :mod:`prunekit.zeroshot`)."""
+    """Zero-shot accuracy on ``ev.eval_tasks`` (see :mod:`prunekit.zeroshot`), or lm-eval's dict."""
     from .zeroshot import evaluate_tasks, parse_tasks
 
+    if ev.backend == "lm-eval":
+        from .lmeval_backend import LmEvalResult, evaluate_tasks_lm_eval
+
+        return LmEvalResult(evaluate_tasks_lm_eval(
+            model, tokenizer, parse_tasks(ev.eval_tasks), data_dir, ev.eval_limit or None, ev.eval_batch_size, str(device)
+        ))
     return evaluate_tasks(
         model, tokenizer, parse_tasks(ev.eval_tasks), data_dir=data_dir, limit=ev.eval_limit or None,
         batch_size=ev.eval_batch_size, device=device,
