@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import statistics
 from pathlib import Path
@@ -334,3 +335,25 @@ def test_mean_only_over_paper_tasks_run():
         }
     )
     assert res.mean_acc == pytest.approx(0.5) and res.mean_plain_acc == pytest.approx(0.45)
+
+
+def test_lm_eval_task_configs_point_at_the_local_files(tmp_path):
+    """The lm-eval backend's task YAMLs: RTE includes the harness's own config, others use our prompts."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra (pip install 'prunekit[lmeval]')")
+    import yaml as _yaml
+
+    from prunekit.lmeval_backend import _task_yaml
+
+    data = Path("/work/shared/data") if Path("/work/shared/data/zeroshot").is_dir() else None
+    data_dir = os.environ.get("PRUNEKIT_DATA_DIR", str(data) if data else None)
+    if not data_dir or not (Path(data_dir) / "zeroshot" / "rte.jsonl").is_file():
+        pytest.skip("no zero-shot data")
+    rte = _yaml.safe_load(_task_yaml("rte", tmp_path, data_dir, None))
+    assert Path(rte["include"]).is_file() and rte["include"].endswith("super_glue/rte/default.yaml")
+    assert rte["dataset_kwargs"]["data_files"]["validation"].endswith("zeroshot/rte.jsonl")
+    arc = _yaml.safe_load(_task_yaml("arc_easy", tmp_path, data_dir, 3))
+    rows = [json.loads(line) for line in (tmp_path / "arc_easy.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[0]["ctx"].endswith("\nAnswer:") and not rows[0]["choices"][0].startswith(" ")
+    assert [m["metric"] for m in arc["metric_list"]] == ["acc", "acc_norm"]
+    with pytest.raises(PrunekitError, match="not available with --backend lm-eval"):
+        _task_yaml("winogrande", tmp_path, data_dir, None)

@@ -103,33 +103,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot_unit_errors(units: list, path) -> bool:
-    """Per-unit normalised error before/after reconstruction (calibration and held-out) as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    xs = list(range(len(units)))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for key, style in (("calib_before", "C0--"), ("calib_after", "C0-"), ("heldout_before", "C1--"), ("heldout_after", "C1-")):
-        ys = [getattr(u, key) if getattr(u, key) is not None else float("nan") for u in units]
-        ax.plot(xs, ys, style, label=key.replace("_", " "))
-    ax.set_xlabel("unit (forward order)")
-    ax.set_ylabel("normalised error")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def plot_block_errors(runs: dict[str, list[float]], path, subtitle: str = "") -> bool:
-    """Normalised error at each block's output, one line per run (the Rethinking paper's Figure 3)."""
+def _line_plot(lines: list[tuple[str, list, list, str]], path, xlabel: str, ylabel: str, title: str = "") -> bool:
+    """One PNG with a line per ``(label, xs, ys, matplotlib format)`` on a log y axis; False without matplotlib."""
     try:
         import matplotlib
 
@@ -138,18 +113,35 @@ def plot_block_errors(runs: dict[str, list[float]], path, subtitle: str = "") ->
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
-    for name, errs in runs.items():
-        ax.plot(range(len(errs)), errs, marker=".", label=name)
-    ax.set_xlabel("block")
-    ax.set_ylabel("normalised error vs dense (global propagation)")
+    for label, xs, ys, fmt in lines:
+        ax.plot(xs, ys, fmt, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
-    ax.set_title(subtitle, fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def plot_unit_errors(units: list, path) -> bool:
+    """Per-unit normalised error before/after reconstruction (calibration and held-out) as a PNG."""
+    xs = list(range(len(units)))
+    lines = []
+    for key, fmt in (("calib_before", "C0--"), ("calib_after", "C0-"), ("heldout_before", "C1--"), ("heldout_after", "C1-")):
+        ys = [getattr(u, key) if getattr(u, key) is not None else float("nan") for u in units]
+        lines.append((key.replace("_", " "), xs, ys, fmt))
+    return _line_plot(lines, path, "unit (forward order)", "normalised error")
+
+
+def plot_block_errors(runs: dict[str, list[float]], path, subtitle: str = "") -> bool:
+    """Normalised error at each block's output, one line per run (the Rethinking paper's Figure 3)."""
+    lines = [(name, list(range(len(errs))), errs, ".-") for name, errs in runs.items()]
+    return _line_plot(lines, path, "block", "normalised error vs dense (global propagation)", subtitle)
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -222,27 +214,8 @@ def plot_loss_curves(runs: list[dict[str, Any]], path) -> bool:
                 per_epoch.setdefault(e, []).append(v)
         if per_epoch:
             curves[r["_name"]] = [sum(v) / len(v) for _, v in sorted(per_epoch.items())]
-    if not curves:
-        return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, c in curves.items():
-        ax.plot(range(1, len(c) + 1), c, marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mean unit training loss (MSE)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    lines = [(name, list(range(1, len(c) + 1)), c, "o-") for name, c in curves.items()]
+    return _line_plot(lines, path, "epoch", "mean unit training loss (MSE)") if lines else False
 
 
 def compare_runs(run_dirs: list[str], out_dir) -> tuple[str, str]:

@@ -83,7 +83,7 @@ def generate_windows(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Generate ``[nsamples, seqlen]`` token windows with the dense model (no cache)."""
+    """Generate ``[nsamples, seqlen]`` token windows with the dense model (not cached on disk)."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
