@@ -30,15 +30,21 @@ class InputStats:
     def __init__(self, dim: int, hessian: bool, device: torch.device) -> None:
         self.dim = dim
         self.tokens = 0
-        self.sq_norms = torch.zeros(dim, dtype=torch.float32, device=device)
+        self._sq = torch.zeros(dim, dtype=torch.float32, device=device)
         self._xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        self.sq_norms += (x * x).sum(0)
-        if self._xtx is not None:
+        if self._xtx is not None:  # the squared norms are its diagonal: no second pass over x
             self._xtx.addmm_(x.t(), x)
+        else:
+            self._sq += (x * x).sum(0)
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """``sum_t x_tj^2`` per input feature (Wanda's ``||X_j||_2^2``)."""
+        return torch.diagonal(self._xtx).clone() if self._xtx is not None else self._sq
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -48,7 +54,7 @@ class InputStats:
 
     def free(self) -> None:
         self._xtx = None
-        self.sq_norms = torch.empty(0)
+        self._sq = torch.empty(0)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,10 @@ class RunDir:
         if resume:
             if not (self.tmp / "config.yaml").is_file():
                 raise PrunekitError(f"no interrupted run to resume at {self.final} (no {self.tmp.name}); start it without --resume")
-        elif resumable and self.tmp.exists():
+        elif resumable and self.tmp.exists() and not overwrite:
             raise PrunekitError(
-                f"an interrupted run is at {self.tmp}; continue it with --resume {self.final} or delete that directory"
+                f"an interrupted run is at {self.tmp}; continue it with --resume {self.final}, "
+                "pass --overwrite to start afresh, or delete that directory"
             )
         if not resume and self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())) and not overwrite:
             raise PrunekitError(f"output {self.final} already exists; choose another --out or pass --overwrite")
