@@ -86,6 +86,7 @@ def test_cli_main_job_end_to_end(tmp_path, data_dir):
         sys.executable, "-m", "prunekit.cli", "prune", "--out", str(out),
         "--nsamples", "4", "--seqlen", "64", "--gen-batch-size", "4",
         "--eval", "wikitext2", "--eval-seqlen", "128", "--eval-windows", "2", "--device", "cpu",
+        "--eval-tasks", "rte,arc_easy", "--eval-limit", "4",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -98,7 +99,11 @@ def test_cli_main_job_end_to_end(tmp_path, data_dir):
     assert metrics["timing"]["prune_s"] > 0 and metrics["peak_rss_mb"] > 100
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["prune"]["calib"]["nsamples"] == 4
-    assert (out / "report.md").read_text().startswith("# prunekit run")
+    report = (out / "report.md").read_text()
+    assert report.startswith("# prunekit run") and "## Zero-shot accuracy" in report
+    zs = metrics["zeroshot"]
+    assert zs["tasks"]["rte"]["n"] == 4 and zs["tasks"]["arc_easy"]["n"] == 4
+    assert 0.0 <= zs["tasks"]["arc_easy"]["acc_norm"] <= 1.0 and zs["mean_acc"] is not None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
     # the cache made by the first run is reused by a second with the same settings
     cache = list((tmp_path / "cache" / "selfgen").glob("*.pt"))
