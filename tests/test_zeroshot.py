@@ -351,6 +351,7 @@ def test_lm_eval_task_configs_point_at_the_local_files(tmp_path):
     rte = _yaml.safe_load(_task_yaml("rte", tmp_path, data_dir, None))
     assert Path(rte["include"]).is_file() and rte["include"].endswith("super_glue/rte/default.yaml")
     assert rte["dataset_kwargs"]["data_files"]["validation"].endswith("zeroshot/rte.jsonl")
+    assert "entailment" in rte["doc_to_target"]  # the file's label names map to the harness's 0/1
     arc = _yaml.safe_load(_task_yaml("arc_easy", tmp_path, data_dir, 3))
     rows = [json.loads(line) for line in (tmp_path / "arc_easy.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[0]["ctx"].endswith("\nAnswer:") and not rows[0]["choices"][0].startswith(" ")

@@ -59,11 +59,14 @@ def _task_yaml(task: str, root: Path, data_dir: str | None, limit: int | None) -
     name = f"prunekit_{task}"
     if task in _BUILTIN:
         include = Path(lm_eval.__file__).parent / "tasks" / _BUILTIN[task]
-        return (
+        text = (
             f"include: {include}\ntask: {name}\ntag: []\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    validation: {task_path(task, data_dir)}\n"
             "training_split: null\nvalidation_split: validation\ntest_split: null\n"
         )
+        if task == "rte":  # the file keeps SuperGLUE's label *names*; the harness's config wants 0/1
+            text += "doc_to_target: \"{{ 0 if label in ('entailment', 0) else 1 }}\"\n"
+        return text
     if task not in _PREPARED:
         raise PrunekitError(f"task {task!r} is not available with --backend lm-eval; use the default backend")
     rows = root / f"{task}.jsonl"
