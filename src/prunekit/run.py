@@ -236,8 +236,8 @@ def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         return metrics
     except BaseException as e:
         if rundir is not None:
-            if checkpoint is not None and checkpoint.has_state() and not isinstance(e, PrunekitError):
-                log.warning("the run stopped; continue it with: prunekit prune --resume %s", rundir.final)
+            if checkpoint is not None and checkpoint.has_state():  # finished windows are worth keeping
+                log.warning("the run stopped (%s); continue it with: prunekit prune --resume %s", type(e).__name__, rundir.final)
             else:
                 rundir.discard()
         raise
