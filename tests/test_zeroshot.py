@@ -356,5 +356,9 @@ def test_lm_eval_task_configs_point_at_the_local_files(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "arc_easy.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[0]["ctx"].endswith("\nAnswer:") and not rows[0]["choices"][0].startswith(" ")
     assert [m["metric"] for m in arc["metric_list"]] == ["acc", "acc_norm"]
+    wino = _task_yaml("winogrande", tmp_path, data_dir, None)
+    assert "!function prunekit_wino.doc_to_choice" in wino and (tmp_path / "prunekit_wino.py").is_file()
+    lam = _yaml.safe_load(_task_yaml("lambada", tmp_path, data_dir, None))
+    assert lam["output_type"] == "loglikelihood" and lam["target_delimiter"] == ""
     with pytest.raises(PrunekitError, match="not available with --backend lm-eval"):
-        _task_yaml("winogrande", tmp_path, data_dir, None)
+        _task_yaml("copa", tmp_path, data_dir, None)

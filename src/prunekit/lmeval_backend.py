@@ -9,7 +9,8 @@ Hugging Face hub; here every task is pointed at the files of the data directory 
 * the ``{query, choices, gold}`` tasks (BoolQ, ARC, OpenBookQA, PIQA) get their contexts and
   choices from :mod:`prunekit.zeroshot` (the same completed prompts), scored by the harness.
 
-WinoGrande (partial scoring) and LAMBADA need the harness's own schemas and are not offered here.
+* WinoGrande uses the harness's partial scoring (one context per option, the shared rest of the
+  sentence scored), LAMBADA its ``lambada_openai`` loglikelihood task (accuracy and perplexity).
 """
 
 from __future__ import annotations
@@ -67,6 +68,26 @@ def _task_yaml(task: str, root: Path, data_dir: str | None, limit: int | None) -
         if task == "rte":  # the file keeps SuperGLUE's label *names*; the harness's config wants 0/1
             text += "doc_to_target: \"{{ 0 if label in ('entailment', 0) else 1 }}\"\n"
         return text
+    if task == "winogrande":  # partial scoring, the harness's way: one context per option, the rest is scored
+        (root / "prunekit_wino.py").write_text(
+            "def doc_to_text(doc):\n    return int(doc['gold'])\n\n"
+            "def doc_to_choice(doc):\n    return list(doc['context_options'])\n\n"
+            "def doc_to_target(doc):\n    return doc['continuation'].strip()\n"
+        )
+        return (
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {task_path(task, data_dir)}\n"
+            "output_type: multiple_choice\nvalidation_split: validation\n"
+            "doc_to_text: !function prunekit_wino.doc_to_text\ndoc_to_choice: !function prunekit_wino.doc_to_choice\n"
+            "doc_to_target: !function prunekit_wino.doc_to_target\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
+        )
+    if task == "lambada":  # the harness's lambada_openai: last word (with its space) after the context
+        return (
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {task_path(task, data_dir)}\n"
+            "output_type: loglikelihood\nvalidation_split: validation\n"
+            "doc_to_text: \"{{context}}\"\ndoc_to_target: \"{{' ' + continuation.lstrip(' ')}}\"\ntarget_delimiter: \"\"\n"
+            "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n"
+        )
     if task not in _PREPARED:
         raise PrunekitError(f"task {task!r} is not available with --backend lm-eval; use the default backend")
     rows = root / f"{task}.jsonl"
@@ -105,5 +126,8 @@ def evaluate_tasks_lm_eval(
     results: dict[str, dict[str, float]] = {}
     for task in tasks:
         r = out["results"][f"prunekit_{task}"]
-        results[task] = {k.split(",")[0]: v for k, v in r.items() if k.startswith(("acc,", "acc_norm,", "acc_stderr", "acc_norm_stderr"))}
+        results[task] = {
+            k.split(",")[0]: v for k, v in r.items()
+            if k.startswith(("acc,", "acc_norm,", "acc_stderr", "acc_norm_stderr", "perplexity,"))
+        }
     return results
