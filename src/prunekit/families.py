@@ -153,10 +153,6 @@ class Layout:
     def mid_norm(self, index: int) -> nn.Module:
         return _get(self.blocks[index], self.family.mid_norm)
 
-    def mlp_branch(self, index: int) -> list[nn.Module]:
-        """The modules that map the mid residual ``h`` to the MLP's contribution: out = h + branch(h)."""
-        return [_get(self.blocks[index], name) for name in self.family.mlp_branch]
-
 
 def discover(model: nn.Module) -> Layout:
     """Find the blocks of ``model`` and check that each block has the parts the family table names."""

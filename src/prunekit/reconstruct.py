@@ -166,8 +166,8 @@ def build_units(layout: Layout, window: Window, granularity: str, prefix: str) -
         entry = Point(None) if pos == 0 else Point(block)
         all_linears = _linears(block, f"{prefix}.{j}", layout, j)
         if granularity == "attn-mlp":
-            mid = _get(block, fam.mid_norm)
-            branch = [_get(block, n) for n in fam.mlp_branch]
+            mid = block.get_submodule(fam.mid_norm)
+            branch = [block.get_submodule(n) for n in fam.mlp_branch]
             branch_ids = {id(p) for m in branch for p in m.parameters()}
             attn_modules = [m for m in block.children() if not any(id(p) in branch_ids for p in m.parameters())]
             attn_lin = {k: v for k, v in all_linears.items() if not any(id(p) in branch_ids for p in v.parameters())}
@@ -180,12 +180,6 @@ def build_units(layout: Layout, window: Window, granularity: str, prefix: str) -
         else:
             raise ValueError(f"unknown granularity {granularity!r}")
     return units
-
-
-def _get(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def _linears(block: nn.Module, prefix: str, layout: Layout, index: int) -> dict[str, nn.Module]:
