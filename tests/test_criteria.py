@@ -50,6 +50,23 @@ def test_input_stats_hessian_and_norms():
     assert st.hessian.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dim", [9, 11])
+def test_input_stats_tiled_hessian_matches_the_full_product(monkeypatch, dim):
+    """Wide inputs accumulate only the upper tiles of X^T X; reads may come between batches."""
+    monkeypatch.setattr(InputStats, "TILE", 4)  # 9 -> tiles of 4, 4, 1; 11 -> 4, 4, 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, dim, generator=g) + torch.arange(dim) / 3  # not centred: off-diagonal terms matter
+    st = InputStats(dim, hessian=True, device=CPU)
+    assert len(st._tiles) == 3
+    st.add_batch(x[:15])
+    torch.testing.assert_close(st.sq_norms, (x[:15] ** 2).sum(0), rtol=1e-5, atol=1e-5)
+    st.add_batch(x[15:])
+    full = 2 * x.t() @ x / 40
+    torch.testing.assert_close(st.hessian, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.hessian, full, rtol=1e-5, atol=1e-5)  # a second read adds nothing
+    assert torch.equal(st.hessian, st.hessian.t())
+
+
 def test_input_stats_without_hessian():
     st = InputStats(4, hessian=False, device=CPU)
     st.add_batch(torch.ones(3, 4, dtype=torch.bfloat16))
@@ -173,6 +190,28 @@ def test_sparsegpt_nm_masks_valid_for_other_patterns(layer):
         new, mask = SparseGPT(sp, blocksize=12).prune(w, st)  # 12 is no multiple of 8: lcm is used
         assert check_nm(mask, n, sp.m)
         assert bool((new[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", "0.3", "2:4"])
+def test_sparsegpt_group_of_linears_equals_each_alone(layer, sparsity):
+    """q/k/v (or gate/up) are stacked into one column walk; each must get exactly its own result.
+
+    The second linear's weights are 10x larger, so a selection pooled over the stack would prune
+    the first linear far more than its target: per-segment selection is what makes these equal.
+    """
+    w, _, st = layer
+    sp = parse_sparsity(sparsity)
+    g = torch.Generator().manual_seed(5)
+    ws = [w[:10], 10 * torch.randn(6, w.shape[1], generator=g), w[10:13]]
+    sg = SparseGPT(sp, blocksize=16)
+    together = sg.prune_group(ws, st)
+    for one, (new, mask) in zip(ws, together):
+        want_new, want_mask = SparseGPT(sp, blocksize=16).prune(one, st)
+        assert torch.equal(mask, want_mask)
+        torch.testing.assert_close(new, want_new, rtol=1e-5, atol=1e-5)
+        assert (1 - mask.float().mean()).item() == pytest.approx(sp.fraction, abs=0.02)
+    with pytest.raises(ValueError):
+        sparsegpt_prune(torch.cat(ws), st.hessian, sp, segments=[10, 6])
 
 
 def test_sparsegpt_prune_rejects_blocksize_not_multiple_of_m(layer):

@@ -25,35 +25,71 @@ class InputStats:
 
     ``sq_norms[j] = sum_t x_tj^2`` (Wanda's ``||X_j||_2^2``) and, when asked, the Hessian
     ``H = 2 X^T X / n_tokens`` of the layer-wise squared error (SparseGPT). Both in float32.
+
+    ``X^T X`` is symmetric, so for wide inputs only its upper blocks are accumulated (tiles of
+    :attr:`TILE` columns) and the lower ones are mirrored when it is read: with three tiles (an MLP
+    down projection of width 1536) that is 6 of 9 tile products, a third of the FLOPs saved in the
+    largest product of SparseGPT's statistics pass.
     """
+
+    TILE = 512
 
     def __init__(self, dim: int, hessian: bool, device: torch.device) -> None:
         self.dim = dim
         self.tokens = 0
         self._sq = torch.zeros(dim, dtype=torch.float32, device=device)
-        self._xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
+        self._hessian = hessian
+        self._device = device
+        self._tiles = [(a, min(a + self.TILE, dim)) for a in range(0, dim, self.TILE)] if dim >= 2 * self.TILE else []
+        self._tile_xtx = (
+            {(i, j): torch.zeros(self._tiles[i][1] - self._tiles[i][0], self._tiles[j][1] - self._tiles[j][0],
+                                 dtype=torch.float32, device=device)
+             for i in range(len(self._tiles)) for j in range(i, len(self._tiles))}
+            if hessian and self._tiles else {}
+        )
+        # the full matrix; for tiled inputs made at the first read, so the two never coexist while accumulating
+        self._xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian and not self._tiles else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        if self._xtx is not None:  # the squared norms are its diagonal: no second pass over x
+        if self._tile_xtx:
+            parts = [x[:, a:b] for a, b in self._tiles]
+            for (i, j), acc in self._tile_xtx.items():
+                acc.addmm_(parts[i].t(), parts[j])
+        elif self._hessian:  # the squared norms are its diagonal: no second pass over x
             self._xtx.addmm_(x.t(), x)
         else:
             self._sq += (x * x).sum(0)
 
+    def _gram(self) -> torch.Tensor:
+        """``X^T X``: pending tile sums are moved into the full matrix, so reads and batches may interleave."""
+        if self._xtx is None:
+            self._xtx = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self._device)
+        if self._tile_xtx:
+            for (i, j), acc in self._tile_xtx.items():
+                (a, b), (c, d) = self._tiles[i], self._tiles[j]
+                self._xtx[a:b, c:d] += acc
+                if i != j:
+                    self._xtx[c:d, a:b] += acc.t()
+                acc.zero_()
+        return self._xtx
+
     @property
     def sq_norms(self) -> torch.Tensor:
         """``sum_t x_tj^2`` per input feature (Wanda's ``||X_j||_2^2``)."""
-        return torch.diagonal(self._xtx).clone() if self._xtx is not None else self._sq
+        return torch.diagonal(self._gram()).clone() if self._hessian else self._sq
 
     @property
     def hessian(self) -> torch.Tensor:
-        if self._xtx is None:
+        if not self._hessian:
             raise RuntimeError("these statistics were collected without the Hessian")
-        return self._xtx * (2.0 / max(self.tokens, 1))
+        return self._gram() * (2.0 / max(self.tokens, 1))
 
     def free(self) -> None:
+        self._hessian = False
         self._xtx = None
+        self._tile_xtx = {}
         self._sq = torch.empty(0)
 
 
@@ -94,7 +130,12 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
 
 
 def sparsegpt_prune(
-    weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int = 128, percdamp: float = 0.01
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: Sparsity,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    segments: list[int] | None = None,
 ) -> SparseGPTResult:
     """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): choose the mask and update the kept weights.
 
@@ -102,49 +143,61 @@ def sparsegpt_prune(
     ``w^2 / [H^-1]_jj^2`` (adaptive mask selection; for N:M per group of M columns), then columns are
     pruned one by one with the OBS update that moves each pruned weight's error onto the columns not
     yet processed. Returns the new float32 weight and the mask.
+
+    ``segments`` (row counts summing to the number of rows) lets linears that read the same input,
+    and so share ``H`` (q/k/v, gate/up), be stacked and pruned in one column walk: rows never interact
+    in the OBS update, and the unstructured selection is made per segment, so each linear gets exactly
+    the result it would get alone. The walk runs on the transposed weight so every column is one
+    contiguous vector and each step is two tensor operations; its cost is Python overhead per column,
+    which stacking divides among the linears.
     """
-    w = weight.detach().float().contiguous().clone()  # GPT-2's Conv1D hands in a transposed view
+    wt = weight.detach().float().t().contiguous()  # [cols, rows]; also copies GPT-2's transposed Conv1D view
     h = hessian.detach().float().clone()
-    rows, cols = w.shape
+    cols, rows = wt.shape
+    segments = segments or [rows]
+    if sum(segments) != rows:
+        raise ValueError(f"segments {segments} do not add up to the {rows} rows of the weight")
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    wt[dead, :] = 0.0
     hinv, damp = _inverse_cholesky(h, percdamp)
-    mask = torch.ones_like(w, dtype=torch.bool)
+    keep = torch.ones_like(wt, dtype=torch.bool)
     nm = sparsity.is_nm
     m = sparsity.m or 1
     pruned_per_group = (sparsity.m - sparsity.n) if nm else 0  # type: ignore[operator]
     if nm and blocksize % m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={m}")
+    bounds = [0]
+    for seg in segments:
+        bounds.append(bounds[-1] + seg)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2]  # a view: updated in place
         hinv1 = hinv[i1:i2, i1:i2]
-        d = torch.diag(hinv1)
-        keep1 = torch.ones_like(w1, dtype=torch.bool)
+        d = torch.diag(hinv1).unsqueeze(1)
+        keep1 = keep[i1:i2]
+        err1 = torch.empty_like(w1)
+        scale = torch.zeros_like(w1)  # 1/[H^-1]_jj where pruned, 0 where kept: the error is w * scale
         if not nm:
-            saliency = w1**2 / d.unsqueeze(0) ** 2
-            k = int(saliency.numel() * sparsity.fraction)
-            if k:
-                keep1.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = False
-        for i in range(count):
-            col = w1[:, i]
+            saliency = w1**2 / d**2
+            for r0, r1 in zip(bounds[:-1], bounds[1:]):
+                k = int(saliency[:, r0:r1].numel() * sparsity.fraction)
+                if k:
+                    sub = torch.ones(i2 - i1, r1 - r0, dtype=torch.bool, device=wt.device)
+                    sub.view(-1)[torch.topk(saliency[:, r0:r1].flatten(), k, largest=False).indices] = False
+                    keep1[:, r0:r1] = sub
+            scale = (~keep1) / d
+        for i in range(i2 - i1):
             if nm and i % m == 0:
-                saliency = w1[:, i : i + m] ** 2 / d[i : i + m].unsqueeze(0) ** 2
-                idx = torch.topk(saliency, pruned_per_group, dim=1, largest=False).indices
-                keep1[:, i : i + m].scatter_(1, idx, False)
-            q = col * keep1[:, i]
-            q1[:, i] = q
-            e = (col - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i1:i2] = q1
-        mask[:, i1:i2] = keep1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return SparseGPTResult(weight=w * mask, mask=mask, damping=damp)
+                saliency = w1[i : i + m] ** 2 / d[i : i + m] ** 2
+                idx = torch.topk(saliency, pruned_per_group, dim=0, largest=False).indices
+                keep1[i : i + m].scatter_(0, idx, False)
+                scale[i : i + m] = (~keep1[i : i + m]) / d[i : i + m]
+            torch.mul(w1[i], scale[i], out=err1[i])
+            w1[i:].addr_(hinv1[i, i:], err1[i], alpha=-1.0)  # column i becomes its masked value
+        wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
+    wt.mul_(keep)
+    return SparseGPTResult(weight=wt.t().contiguous(), mask=keep.t().contiguous(), damping=damp)
 
 
 class Criterion:
@@ -160,6 +213,12 @@ class Criterion:
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def prune_group(
+        self, weights: list[torch.Tensor], stats: InputStats | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prune linears that read the same input (so share ``stats``); each result is what ``prune`` gives."""
+        return [self.prune(w, stats) for w in weights]
 
     def expected_scope(self) -> str:
         return self.scope
@@ -194,13 +253,24 @@ class SparseGPT(Criterion):
         self.dampings: list[float] = []
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prune_group([weight], stats)[0]
+
+    def prune_group(
+        self, weights: list[torch.Tensor], stats: InputStats | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stack the linears' rows and walk the columns once (see :func:`sparsegpt_prune`)."""
         assert stats is not None
         blocksize = self.blocksize
         if self.sparsity.is_nm and blocksize % self.sparsity.m:  # type: ignore[operator]
             blocksize = math.lcm(blocksize, self.sparsity.m)  # type: ignore[arg-type]
-        res = sparsegpt_prune(weight, stats.hessian, self.sparsity, blocksize, self.percdamp)
+        rows = [w.shape[0] for w in weights]
+        stacked = torch.cat([w.detach().float() for w in weights]) if len(weights) > 1 else weights[0]
+        res = sparsegpt_prune(stacked, stats.hessian, self.sparsity, blocksize, self.percdamp, segments=rows)
         self.dampings.append(res.damping)
-        return res.weight.to(weight.dtype), res.mask
+        return [
+            (w_new.to(w.dtype), m.clone())  # a clone: a view would keep (and checkpoint) the whole stack
+            for w, w_new, m in zip(weights, res.weight.split(rows), res.mask.split(rows))
+        ]
 
     def expected_scope(self) -> str:
         return "block"

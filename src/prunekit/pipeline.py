@@ -309,11 +309,11 @@ def prune(
                     lambda rows, j=j: captured.kwargs_for(j, rows), bs, device, criterion.needs_hessian,
                 )
             masks[j] = {}
-            for name, linear in linears.items():
-                w = weight_matrix(linear)
-                new, mask = criterion.prune(w, stats.get(name))
-                w.copy_(new)
-                masks[j][f"{prefix}.{j}.{name}"] = mask
+            for group in layout.input_groups(j):  # linears sharing an input are pruned together
+                ws = [weight_matrix(linears[name]) for name in group]
+                for name, w, (new, mask) in zip(group, ws, criterion.prune_group(ws, stats.get(group[0]))):
+                    w.copy_(new)
+                    masks[j][f"{prefix}.{j}.{name}"] = mask
             for acc in set(stats.values()):
                 acc.free()
         if rc.trains or rc.measures:  # reconstruct the window's units
