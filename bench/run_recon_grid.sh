@@ -27,7 +27,14 @@ run() {  # run NAME ARGS...: run once, unless done or claimed by another worker
   fi
 }
 
+W=bench/work/$P
 if [ "${1:-}" != "--plot-only" ]; then
+  if [ ! -f "$R/dense.json" ] && [ -d bench/work/smollm2-135m-f32 ] && mkdir "$CLAIMS/dense" 2>/dev/null; then
+    echo "=== dense $(date -Is)"
+    .venv/bin/prunekit eval --model bench/work/smollm2-135m-f32 --data wikitext2,c4 --eval-seqlen 512 \
+      --eval-windows 16 --eval-batch-size 8 --data-dir "${PRUNEKIT_DATA_DIR:-../shared/data}" --out "$W/dense"
+    cp "$W/dense/metrics.json" "$R/dense.json"
+  fi
   for crit in wanda sparsegpt magnitude; do
     for preset in lr br br-gp br-gp-cr attn-mlp-gp; do
       run "$crit-$preset" "$crit-$preset"
@@ -42,9 +49,8 @@ if [ "${1:-}" != "--plot-only" ]; then
     done
   done
 fi
-W=bench/work/$P
 if [ ! -f "$R/error-vs-block/errors.json" ] && mkdir "$CLAIMS/error-vs-block" 2>/dev/null; then
-  .venv/bin/prunekit error --dense "$W/../smollm2-135m-f32" --data wikitext2 --eval-seqlen 512 --eval-windows 8 \
+  .venv/bin/prunekit error --dense bench/work/smollm2-135m-f32 --data wikitext2 --eval-seqlen 512 --eval-windows 8 \
     --data-dir "${PRUNEKIT_DATA_DIR:-../shared/data}" \
     --model "$W/wanda-lr" "$W/wanda-br" "$W/wanda-br-gp" "$W/wanda-br-gp-cr" --out "$R/error-vs-block"
 fi

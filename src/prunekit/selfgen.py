@@ -80,7 +80,7 @@ def generate_windows(
     nsamples: int,
     seqlen: int,
     seed: int,
-    batch_size: int = 16,
+    batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Generate ``[nsamples, seqlen]`` token windows with the dense model (not cached on disk)."""
@@ -119,7 +119,7 @@ def self_calibration(
     nsamples: int,
     seqlen: int,
     seed: int,
-    batch_size: int = 16,
+    batch_size: int = 32,
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
 ) -> torch.Tensor:
@@ -129,6 +129,7 @@ def self_calibration(
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
+        "batch_size": batch_size,  # the sampling seed is set per batch, so batching changes the text
         "recipe": RECIPE_VERSION,
         "dtype": str(next(model.parameters()).dtype),
     }
