@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--protocol", default="cpu-recon-v1", choices=sorted(PROTOCOLS))
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="override the paper's lr 2e-4 (an extra run, named -lrVALUE)")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     a = ap.parse_args()
     criterion, _, preset = a.run.partition("-")
@@ -74,6 +75,8 @@ def main() -> None:
     if a.nsamples:
         p["nsamples"] = a.nsamples
     name = a.run if (a.calib == "c4" and not a.nsamples) else f"{a.run}-{a.calib}-{p['nsamples']}"
+    if a.lr is not None:
+        name += f"-lr{a.lr:g}"
     here = Path(__file__).parent
     work = here / "work" / a.protocol / name
 
@@ -88,6 +91,8 @@ def main() -> None:
     r.recon, r.measure_error, r.holdout = preset, True, 0.1
     if preset != "lr":
         r.epochs = p["epochs"]
+    if a.lr is not None:
+        r.lr = a.lr
     cfg.eval.eval, cfg.eval.eval_seqlen, cfg.eval.eval_windows, cfg.eval.eval_batch_size = (
         "wikitext2,c4", p["eval_seqlen"], p["eval_windows"], 8,
     )
@@ -98,7 +103,11 @@ def main() -> None:
         u.pop("heldout_curve", None)
     out = here / "results" / a.protocol
     out.mkdir(parents=True, exist_ok=True)
-    result = {"run": name, "protocol": {"name": a.protocol, **p, "calib": a.calib, "holdout": 0.1}, **metrics}
+    result = {
+        "run": name,
+        "protocol": {"name": a.protocol, **p, "calib": a.calib, "holdout": 0.1, "lr": r.lr},
+        **metrics,
+    }
     tmp = out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out / f"{name}.json")
