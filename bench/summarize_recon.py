@@ -93,6 +93,22 @@ def calib_study(d: Path, grid_n: int) -> list[str]:
     return lines
 
 
+def extra_runs(d: Path) -> list[str]:
+    """Runs outside the protocol's settings (e.g. another learning rate), each against its grid twin."""
+    lines = ["| run | lr | WikiText-2 | C4 | same run at the protocol's lr | held-out err after | total s |", "|---|---|---|---|---|---|---|"]
+    for f in sorted(d.glob("*-lr*.json")):
+        r = json.loads(f.read_text())
+        twin = _load(d, f.stem.rsplit("-lr", 1)[0])
+        p = r["perplexity"]
+        e = r.get("reconstruction", {}).get("error", {})
+        t = f"{twin['perplexity']['wikitext2']:.2f} / {twin['perplexity']['c4']:.2f}" if twin else "–"
+        lines.append(
+            f"| {f.stem} | {r['protocol'].get('lr')} | {p['wikitext2']:.2f} | {p['c4']:.2f} | {t} "
+            f"| {_f(e.get('heldout_after'), '.4f')} | {r['timing']['total_s']:.0f} |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--protocol", default="cpu-recon-v1")
@@ -104,6 +120,7 @@ def main() -> None:
         + grid(d)
         + ["", "### Calibration source and size (Wanda)", ""]
         + calib_study(d, a.grid_n)
+        + (["", "### Extra runs", ""] + extra_runs(d) if extra_runs(d) else [])
     )
     print(text)
     (d / "summary.md").write_text(text + "\n")

@@ -23,6 +23,7 @@ CALIB = random_ids(5, 16, seed=7)  # 5 windows in batches of 2: the last batch i
 
 def _config(method: str, sparsity: str, **sparsity_kw) -> PruneConfig:
     cfg = PruneConfig(batch_size=2, device="cpu")
+    cfg.recon.recon = "lr"  # layer-wise pruning alone (the default reconstructs, see test_default_reconstructs)
     cfg.sparsity.method = method
     cfg.sparsity.sparsity = sparsity
     for k, v in sparsity_kw.items():
@@ -324,3 +325,18 @@ def test_model_helpers():
         load_model("./no-such-model-dir")
     with pytest.raises(prunekit.PrunekitError, match="dtype"):
         load_model("./no-such-model-dir", dtype="int4")
+
+
+def test_default_reconstructs_with_the_quick_preset():
+    """The library and CLI default is the main job's: BR+GP for one epoch (preset "quick")."""
+    cfg = PruneConfig(batch_size=2, device="cpu")
+    r = cfg.recon.validate()
+    assert (r.recon, r.granularity, r.targets, r.epochs, r.lr, r.recon_batch_size) == ("quick", "block", "global", 1, 1e-3, 1)
+    model = make_tiny_model("llama")
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned, report = prunekit.prune(model, None, cfg, calib_ids=CALIB, progress=False)
+    assert len(report.units) == len(pruned.model.layers)
+    assert all(u.steps == 4 for u in report.units)  # 1 epoch over the 4 training windows of 5 (1 held out), batch 1
+    w = pruned.model.layers[0].mlp.down_proj.weight
+    kept = w != 0
+    assert not torch.equal(w[kept], orig["model.layers.0.mlp.down_proj.weight"][kept])  # the kept weights moved

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import EvalConfig, ModelConfig, RunConfig, leaf_fields, load_yaml, set_leaf
+from .config import PRESETS, EvalConfig, ModelConfig, RunConfig, leaf_fields, load_yaml, set_leaf
 from .errors import PrunekitError
 
 log = logging.getLogger("prunekit")
@@ -33,7 +33,9 @@ _HELP = {
     "eval_windows": "first K windows; 0 = the whole corpus",
     "data_dir": "folder with the corpora (default: $PRUNEKIT_DATA_DIR)",
     "out": "output directory (written atomically)",
-    "recon": "reconstruction preset: lr | br | br-gp | br-gp-cr | attn-mlp-gp | free-lunch",
+    "recon": "reconstruction preset: " + " | ".join(PRESETS),
+    "lr": "AdamW learning rate (default: the preset's, else 2e-4)",
+    "recon_batch_size": "calibration windows per gradient step (default: the preset's, else --batch-size)",
     "granularity": "matrix | attn-mlp | block (overrides the preset)",
     "inputs": "sparse | dense: where a unit's inputs come from (overrides the preset)",
     "targets": "local | global: what a unit fits (overrides the preset)",

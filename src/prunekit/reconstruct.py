@@ -293,7 +293,8 @@ def fit(
     if cfg.solver == "lstsq":
         _lstsq(unit, masks, inputs, targets, train_rows, batch_size, device)
     elif cfg.epochs:
-        diverged = _adam(unit, masks, inputs, targets, train_rows, heldout_rows, cfg, batch_size, device, seed, record, err)
+        step_batch = cfg.recon_batch_size or batch_size
+        diverged = _adam(unit, masks, inputs, targets, train_rows, heldout_rows, cfg, step_batch, device, seed, record, err)
     record.seconds = time.perf_counter() - t0
     record.calib_after = err(train_rows) or 0.0
     record.heldout_after = err(heldout_rows)
