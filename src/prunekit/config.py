@@ -86,11 +86,16 @@ class ModelConfig:
 
 @dataclass
 class CalibConfig:
-    """Calibration data: ``nsamples`` windows of ``seqlen`` tokens (SparseGPT's sampling)."""
+    """Calibration data: ``nsamples`` windows of ``seqlen`` tokens (SparseGPT's sampling).
+
+    The defaults are the main job's, sized for its 10-minute budget on a 2-core CPU (writing the
+    windows and reconstructing on them both scale with nsamples x seqlen). The papers use 128
+    windows of 2048 tokens (SparseGPT, Wanda) or 256 of 1024 (Rethinking): pass them on a GPU.
+    """
 
     calib: str = "self"  # self | wikitext2 | ptb | c4 | path/to/file.txt|.jsonl
     nsamples: int = 32
-    seqlen: int = 512
+    seqlen: int = 256
     seed: int = 0
     data_dir: str | None = None  # default: $PRUNEKIT_DATA_DIR
     gen_batch_size: int = 32  # batch size when the dense model writes its own calibration text (larger is faster on CPU: decoding is skinny matmuls)
