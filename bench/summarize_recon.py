@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
@@ -96,7 +97,7 @@ def calib_study(d: Path, grid_n: int) -> list[str]:
 def extra_runs(d: Path) -> list[str]:
     """Runs outside the protocol's settings (e.g. another learning rate), each against its grid twin."""
     lines = ["| run | lr | WikiText-2 | C4 | same run at the protocol's lr | held-out err after | total s |", "|---|---|---|---|---|---|---|"]
-    for f in sorted(d.glob("*-lr*.json")):
+    for f in sorted(f for f in d.glob("*-lr*.json") if re.search(r"-lr\d", f.stem)):
         r = json.loads(f.read_text())
         twin = _load(d, f.stem.rsplit("-lr", 1)[0])
         p = r["perplexity"]
