@@ -331,3 +331,17 @@ def test_eval_windows_cut_non_overlapping_windows():
 def test_eval_windows_too_short():
     with pytest.raises(PrunekitError, match="fewer than one window"):
         eval_windows([1, 2, 3], 4)
+
+
+def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads `lr: 1e-3` as a string; settings coerce it to the field's type."""
+    from prunekit.config import RunConfig, load_yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1e-3\nnsamples: '16'\n")
+    cfg = RunConfig()
+    load_yaml(f, cfg)
+    assert cfg.prune.recon.lr == 1e-3 and cfg.prune.calib.nsamples == 16
+    f.write_text("lr: fast\n")
+    with pytest.raises(PrunekitError, match="lr needs a number"):
+        load_yaml(f, RunConfig())

@@ -64,7 +64,18 @@ def test_input_stats_tiled_hessian_matches_the_full_product(monkeypatch, dim):
     full = 2 * x.t() @ x / 40
     torch.testing.assert_close(st.hessian, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(st.hessian, full, rtol=1e-5, atol=1e-5)  # a second read adds nothing
-    assert torch.equal(st.hessian, st.hessian.t())
+    torch.testing.assert_close(st.hessian, st.hessian.t())
+    assert st._tile_xtx == {}  # the first read freed the tile buffers
+
+
+def test_sparsegpt_leaves_its_input_alone(layer):
+    """GPT-2's Conv1D hands in a transposed view of the parameter; the walk must not write into it."""
+    w, _, st = layer
+    stored = w.t().contiguous()  # [in, out], as Conv1D stores it
+    before = stored.clone()
+    new, _ = SparseGPT(HALF).prune(stored.t(), st)
+    assert torch.equal(stored, before)
+    assert new.data_ptr() != stored.data_ptr()
 
 
 def test_input_stats_without_hessian():

@@ -56,7 +56,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cfg: Any, only: set[st
         flags = [f"--{name.replace('_', '-')}"] + _ALIASES.get(name, [])
         kind = str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{_HELP.get(name, '')} (default: {default})".strip()
+        help_text = _HELP.get(name, "")
+        if "default:" not in help_text:
+            help_text = f"{help_text} (default: {default})".strip()
         if kind.startswith("bool"):
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

@@ -176,9 +176,11 @@ DEFAULT_LR = 2e-4  # Rethinking paper, Appendix A
 class ReconConfig:
     """Reconstruction of the kept weights after the masks are chosen (REFERENCE §3).
 
-    Training defaults are the Rethinking paper's (Appendix A): AdamW, lr 2e-4, betas (0.9, 0.95),
-    no weight decay, linear decay to 0 without warm-up, batch 8, 10 epochs; every non-mask
-    parameter of the unit is trained (norm weights and biases too) unless ``train`` is ``linear``.
+    The paper presets (br, br-gp, br-gp-cr, attn-mlp-gp) train as the Rethinking paper does
+    (Appendix A): AdamW, lr 2e-4, betas (0.9, 0.95), no weight decay, linear decay to 0 without
+    warm-up, batch 8, 10 epochs. The default preset, ``quick``, is the main job's CPU budget: one
+    epoch at batch 1 and lr 1e-3. Every non-mask parameter of the unit is trained (norm weights and
+    biases too) unless ``train`` is ``linear``.
     """
 
     # preset (see PRESETS); the flags below override it. The default is the main job's: "quick" fits
@@ -254,7 +256,7 @@ class PruneConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
-    batch_size: int = 8  # sequences per forward pass and per gradient step (Rethinking paper: 8)
+    batch_size: int = 8  # sequences per forward pass, and per gradient step unless the preset or --recon-batch-size sets one (Rethinking paper: 8)
     device: str = "auto"
     offload: str = "auto"  # activation streams: ram | disk (memory-mapped) | auto (disk when RAM is short)
     offload_dir: str | None = None  # where memory-mapped streams go (default: the system temp dir)
@@ -338,6 +340,12 @@ def set_leaf(cfg: Any, name: str, value: Any) -> None:
     fields = leaf_fields(cfg)
     if name not in fields:
         raise PrunekitError(f"unknown setting {name!r}; see `prunekit prune --help` for the list")
+    kind = str(fields[name][1].type)
+    if isinstance(value, str) and kind.startswith(("float", "int")):  # YAML reads 1e-3 as a string
+        try:
+            value = float(value) if kind.startswith("float") else int(value)
+        except ValueError:
+            raise PrunekitError(f"setting {name} needs a number, not {value!r}") from None
     obj = cfg
     for part in fields[name][0]:
         obj = getattr(obj, part)

@@ -53,17 +53,17 @@ class InputStats:
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        if self._tile_xtx:
+        if self._tile_xtx:  # until the first read
             parts = [x[:, a:b] for a, b in self._tiles]
             for (i, j), acc in self._tile_xtx.items():
                 acc.addmm_(parts[i].t(), parts[j])
         elif self._hessian:  # the squared norms are its diagonal: no second pass over x
-            self._xtx.addmm_(x.t(), x)
+            self._gram().addmm_(x.t(), x)
         else:
             self._sq += (x * x).sum(0)
 
     def _gram(self) -> torch.Tensor:
-        """``X^T X``: pending tile sums are moved into the full matrix, so reads and batches may interleave."""
+        """``X^T X``; the first read moves the tile sums into the full matrix and frees the tiles."""
         if self._xtx is None:
             self._xtx = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=self._device)
         if self._tile_xtx:
@@ -72,7 +72,7 @@ class InputStats:
                 self._xtx[a:b, c:d] += acc
                 if i != j:
                     self._xtx[c:d, a:b] += acc.t()
-                acc.zero_()
+            self._tile_xtx = {}  # later batches (if any) accumulate into the full matrix
         return self._xtx
 
     @property
@@ -146,12 +146,14 @@ def sparsegpt_prune(
 
     ``segments`` (row counts summing to the number of rows) lets linears that read the same input,
     and so share ``H`` (q/k/v, gate/up), be stacked and pruned in one column walk: rows never interact
-    in the OBS update, and the unstructured selection is made per segment, so each linear gets exactly
-    the result it would get alone. The walk runs on the transposed weight so every column is one
+    in the OBS update, and the unstructured selection is made per segment, so each linear gets the
+    result it would get alone (the same up to floating-point rounding of the stacked products). The walk runs on the transposed weight so every column is one
     contiguous vector and each step is two tensor operations; its cost is Python overhead per column,
     which stacking divides among the linears.
     """
-    wt = weight.detach().float().t().contiguous()  # [cols, rows]; also copies GPT-2's transposed Conv1D view
+    # [cols, rows], always a new tensor: for GPT-2's Conv1D (a transposed view) .t().contiguous()
+    # alone would return the parameter itself, and the walk below works in place
+    wt = weight.detach().t().float().clone(memory_format=torch.contiguous_format)
     h = hessian.detach().float().clone()
     cols, rows = wt.shape
     segments = segments or [rows]
@@ -264,11 +266,13 @@ class SparseGPT(Criterion):
         if self.sparsity.is_nm and blocksize % self.sparsity.m:  # type: ignore[operator]
             blocksize = math.lcm(blocksize, self.sparsity.m)  # type: ignore[arg-type]
         rows = [w.shape[0] for w in weights]
-        stacked = torch.cat([w.detach().float() for w in weights]) if len(weights) > 1 else weights[0]
+        stacked = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0]
         res = sparsegpt_prune(stacked, stats.hessian, self.sparsity, blocksize, self.percdamp, segments=rows)
+        del stacked
         self.dampings.append(res.damping)
+        # copies: views would keep (and checkpoint) the whole stack alive
         return [
-            (w_new.to(w.dtype), m.clone())  # a clone: a view would keep (and checkpoint) the whole stack
+            (w_new.to(w.dtype, copy=True), m.clone())
             for w, w_new, m in zip(weights, res.weight.split(rows), res.mask.split(rows))
         ]
 

@@ -72,7 +72,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             "## Reconstruction",
             "",
             f"Preset `{r['recon']}`: granularity {r['granularity']}, inputs {r['inputs']}, targets {r['targets']}, "
-            f"window {r['window']} / stride {r['stride']}, {r['epochs']} epochs, lr {r['lr']}, solver {r['solver']}"
+            f"window {r['window']} / stride {r['stride']}, {r['epochs']} epochs, lr {r['lr']}, "
+            f"step batch {r.get('recon_batch_size') or 'as --batch-size'}, solver {r['solver']}"
             + (f", LoRA rank {r['lora_rank']}" if r["lora_rank"] else "")
             + f"; {rec['heldout_windows']} calibration windows held out.",
             "",

@@ -136,6 +136,10 @@ def reconstruction_metrics(report, device: torch.device) -> dict[str, Any]:
 def settings_fingerprint(cfg: RunConfig) -> str:
     """What a checkpoint must agree on to be resumed: everything but output and placement settings."""
     d = to_dict(cfg)
+    try:  # the values the run actually uses, so a changed preset does not resume silently
+        d["prune"]["recon"] = to_dict(cfg.prune.recon.resolved())
+    except PrunekitError:
+        pass
     for key in ("out", "overwrite"):
         d.pop(key, None)
     d["model"].pop("device", None)
