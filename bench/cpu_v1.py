@@ -46,6 +46,7 @@ PROTOCOL = {
     "seed": 0,
     "eval": "wikitext2 test, 512-token non-overlapping windows, first 128 and all",
     "batch_size": 8,
+    "recon": "lr (no reconstruction)",
 }
 
 
@@ -66,6 +67,7 @@ def main() -> None:
     if RUNS[a.run] is not None:
         method, sparsity = RUNS[a.run]
         cfg = prunekit.PruneConfig(batch_size=PROTOCOL["batch_size"], device="cpu")
+        cfg.recon.recon = "lr"  # layer-wise pruning only (the library default reconstructs)
         cfg.calib.calib = "c4"
         cfg.calib.data_dir = a.data_dir
         cfg.calib.nsamples = PROTOCOL["nsamples"]
