@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, EvalConfig, ModelConfig, RunConfig, leaf_fields, load_yaml, set_leaf
+from .config import PRESETS, EvalConfig, ModelConfig, RunConfig, leaf_fields, load_yaml, scalar_type, set_leaf
 from .errors import PrunekitError
 
 log = logging.getLogger("prunekit")
@@ -54,15 +54,14 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cfg: Any, only: set[st
         if only is not None and name not in only:
             continue
         flags = [f"--{name.replace('_', '-')}"] + _ALIASES.get(name, [])
-        kind = str(f.type)
+        typ = scalar_type(f)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = _HELP.get(name, "")
         if "default:" not in help_text:
             help_text = f"{help_text} (default: {default})".strip()
-        if kind.startswith("bool"):
+        if typ is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            typ = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(*flags, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
 
 

@@ -337,14 +337,23 @@ def leaf_fields(cfg: Any, prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple
     return out
 
 
+def scalar_type(f: dataclasses.Field) -> type:
+    """The scalar type of a leaf field (``float | None`` -> float); annotations are strings here."""
+    kind = str(f.type)
+    for typ in (bool, int, float):
+        if kind.startswith(typ.__name__):
+            return typ
+    return str
+
+
 def set_leaf(cfg: Any, name: str, value: Any) -> None:
     fields = leaf_fields(cfg)
     if name not in fields:
         raise PrunekitError(f"unknown setting {name!r}; see `prunekit prune --help` for the list")
-    kind = str(fields[name][1].type)
-    if isinstance(value, str) and kind.startswith(("float", "int")):  # YAML reads 1e-3 as a string
+    typ = scalar_type(fields[name][1])
+    if isinstance(value, str) and typ in (int, float):  # YAML reads 1e-3 as a string
         try:
-            value = float(value) if kind.startswith("float") else int(value)
+            value = typ(value)
         except ValueError:
             raise PrunekitError(f"setting {name} needs a number, not {value!r}") from None
     obj = cfg

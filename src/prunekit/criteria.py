@@ -8,6 +8,7 @@ mask (True = keep), then the statistics are freed. The maths lives in pure funct
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -147,9 +148,10 @@ def sparsegpt_prune(
     ``segments`` (row counts summing to the number of rows) lets linears that read the same input,
     and so share ``H`` (q/k/v, gate/up), be stacked and pruned in one column walk: rows never interact
     in the OBS update, and the unstructured selection is made per segment, so each linear gets the
-    result it would get alone (the same up to floating-point rounding of the stacked products). The walk runs on the transposed weight so every column is one
-    contiguous vector and each step is two tensor operations; its cost is Python overhead per column,
-    which stacking divides among the linears.
+    result it would get alone (the same up to floating-point rounding of the stacked products). The
+    walk runs on the transposed weight so every column is one contiguous vector and each step is two
+    tensor operations; its cost is Python overhead per column, which stacking divides among the
+    linears.
     """
     # [cols, rows], always a new tensor: for GPT-2's Conv1D (a transposed view) .t().contiguous()
     # alone would return the parameter itself, and the walk below works in place
@@ -169,9 +171,7 @@ def sparsegpt_prune(
     pruned_per_group = (sparsity.m - sparsity.n) if nm else 0  # type: ignore[operator]
     if nm and blocksize % m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={m}")
-    bounds = [0]
-    for seg in segments:
-        bounds.append(bounds[-1] + seg)
+    bounds = [0, *itertools.accumulate(segments)]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = wt[i1:i2]  # a view: updated in place
@@ -179,7 +179,6 @@ def sparsegpt_prune(
         d = torch.diag(hinv1).unsqueeze(1)
         keep1 = keep[i1:i2]
         err1 = torch.empty_like(w1)
-        scale = torch.zeros_like(w1)  # 1/[H^-1]_jj where pruned, 0 where kept: the error is w * scale
         if not nm:
             saliency = w1**2 / d**2
             for r0, r1 in zip(bounds[:-1], bounds[1:]):
@@ -188,7 +187,8 @@ def sparsegpt_prune(
                     sub = torch.ones(i2 - i1, r1 - r0, dtype=torch.bool, device=wt.device)
                     sub.view(-1)[torch.topk(saliency[:, r0:r1].flatten(), k, largest=False).indices] = False
                     keep1[:, r0:r1] = sub
-            scale = (~keep1) / d
+        # 1/[H^-1]_jj where pruned, 0 where kept (all of an N:M block until its groups are chosen): error = w * scale
+        scale = (~keep1) / d
         for i in range(i2 - i1):
             if nm and i % m == 0:
                 saliency = w1[i : i + m] ** 2 / d[i : i + m] ** 2
