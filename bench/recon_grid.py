@@ -9,6 +9,10 @@ Protocols (`--protocol`):
   weights); WikiText-2 and C4 perplexity on the first 16 windows of 512 tokens. The paper's sizes
   (256 x 1024 tokens, 10 epochs) are about 600x the compute per unit and do not fit a 2-core CPU in
   a session: these are reduced, and recorded with every result.
+- ``cpu-recon-v2``: cpu-recon-v1 with 8x the calibration windows (128 x 256 tokens, 13 held out, 115
+  trained on): 230 Adam steps per unit at lr 2e-4 and batch 1, the same evaluation windows. It asks
+  whether the v1 gaps come from too little data and too few steps (the paper takes 320 steps of 8 x
+  1024 tokens per unit).
 - ``gpu-v1``: the paper's sizes: 256 windows of 1024 tokens, 10 epochs, perplexity at 2048 tokens
   on the full sets (needs a GPU).
 
@@ -33,6 +37,9 @@ from prunekit.run import run_prune
 PROTOCOLS = {
     "cpu-recon-v1": dict(
         nsamples=16, seqlen=256, epochs=2, batch_size=1, eval_seqlen=512, eval_windows=16, device="cpu"
+    ),
+    "cpu-recon-v2": dict(
+        nsamples=128, seqlen=256, epochs=2, batch_size=1, eval_seqlen=512, eval_windows=16, device="cpu"
     ),
     "pilot": dict(nsamples=16, seqlen=256, epochs=2, batch_size=8, eval_seqlen=512, eval_windows=4, device="cpu"),
     "gpu-v1": dict(

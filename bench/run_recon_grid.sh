@@ -28,6 +28,14 @@ run() {  # run NAME ARGS...: run once, unless done or claimed by another worker
 }
 
 W=bench/work/$P
+if [ -n "${RUNS:-}" ]; then  # RUNS="wanda-lr wanda-br-gp:--lr=0.001 ...": only these (NAME[:EXTRA ARGS, comma-separated])
+  for spec in $RUNS; do
+    base=${spec%%:*}; extra=""; [ "$spec" != "$base" ] && extra=${spec#*:}
+    name=$base; [ -n "$extra" ] && name="$base-$(echo "$extra" | tr -d '=-')"
+    run "$name" "$base" ${extra//,/ }
+  done
+  exit 0
+fi
 if [ "${1:-}" != "--plot-only" ]; then
   if [ ! -f "$R/dense.json" ] && [ -d bench/work/smollm2-135m-f32 ] && mkdir "$CLAIMS/dense" 2>/dev/null; then
     echo "=== dense $(date -Is)"

@@ -13,6 +13,7 @@ from prunekit.families import discover, weight_matrix
 from prunekit.pipeline import windows
 from prunekit.config import ReconConfig
 from prunekit.reconstruct import Point, Unit, Window, _lstsq, build_units
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 CALIB = random_ids(6, 16, seed=3)
 
@@ -61,6 +62,38 @@ def test_pruned_weights_stay_zero_and_kept_weights_move(family, granularity, win
     assert moved > 0, "reconstruction changed no kept weight"
     assert all(abs(v - 0.5) < 0.05 for v in report.per_layer.values())
     assert report.units and all(u.steps > 0 for u in report.units)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize(("granularity", "window"), GRANULARITIES)
+def test_pruned_weights_are_zero_after_every_optimizer_step(family, granularity, window):
+    """Checked inside the loop: a mask that leaked for one step and was re-applied at the end would fail."""
+    zeros: dict[int, torch.Tensor] = {}
+    checked = []
+
+    def before(opt, *_):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.dim() == 2 and not opt.state.get(p):  # a new unit's first step (CR re-masks a block)
+                    zeros[id(p)] = p.detach() == 0
+
+    def after(opt, *_):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.dim() == 2:
+                    assert zeros[id(p)].float().mean() >= 0.45, "a linear weight was trained without its mask"
+                    assert not p.detach()[zeros[id(p)]].any(), "a pruned weight moved during a step"
+                    checked.append(1)
+
+    cfg = _cfg("br-gp", granularity=granularity, window=window, epochs=2, lr=1e-1, holdout=0.0)
+    hooks = [register_optimizer_step_pre_hook(before),
+             register_optimizer_step_post_hook(after)]
+    try:
+        prunekit.prune(make_tiny_model(family), None, cfg, calib_ids=CALIB, progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert checked
 
 
 @pytest.mark.parametrize("family", FAMILIES)

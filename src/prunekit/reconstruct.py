@@ -8,9 +8,10 @@ sparse or the dense forward pass of the window at those points, by hooks, withou
 any modeling code. The attention part runs the block up to the mid norm; the MLP part is
 ``h + branch(h)`` with the branch modules named in the family table.
 
-Masks are held fixed by a parametrisation ``weight = original * mask`` (masked LoRA:
-``(original + s * B @ A) * mask``), removed at the end with the parametrised value kept, so pruned
-weights are exactly zero during and after training.
+Masks are held fixed by zeroing the gradient of every pruned weight (AdamW without weight decay then
+never moves it; see ``_hold_masks``), or, with LoRA, by the parametrisation
+``(original + s * B @ A) * mask`` merged at the end, so pruned weights are exactly zero during and
+after training.
 """
 
 from __future__ import annotations
@@ -191,13 +192,28 @@ def _linears(block: nn.Module, prefix: str, layout: Layout, index: int) -> dict[
 # ----------------------------------------------------------------------------- masked parametrisations
 
 
-class _Masked(nn.Module):
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask, persistent=False)
+def _hold_masks(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> list[Any]:
+    """Zero the pruned weights and every gradient that reaches them, so AdamW never moves them.
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
+    With weight decay 0, a coordinate whose gradient is always exactly 0 keeps both Adam moments at
+    0, so its update is ``lr * 0 / (0 + eps) = 0`` and the weight stays exactly 0 at every step.
+    This is the same arithmetic as training ``W * M`` through a parametrisation, without recomputing
+    ``W * M`` (and converting the boolean mask) in every forward pass: at batch 1 on a CPU that
+    product cost about as much as the matmuls of the MLP weights it multiplies.
+    """
+    hooks = []
+    with torch.no_grad():
+        for w, mask in pairs:
+            w.mul_(mask)
+            hooks.append(w.register_post_accumulate_grad_hook(_grad_masker(mask)))
+    return hooks
+
+
+def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def hook(p: torch.Tensor) -> None:
+        p.grad.mul_(mask)
+
+    return hook
 
 
 class _MaskedLoRA(nn.Module):
@@ -324,8 +340,7 @@ def _trainable(unit: Unit, cfg: ReconConfig) -> list[nn.Parameter]:
             if id(m) in internals:
                 continue
             if id(m) in linear_ids:
-                pl = m.parametrizations.weight
-                ps = [pl[0].lora_a, pl[0].lora_b] if cfg.lora_rank else [pl.original]
+                ps = [m.parametrizations.weight[0].lora_a, m.parametrizations.weight[0].lora_b] if cfg.lora_rank else [m.weight]
                 if cfg.train == "all" and getattr(m, "bias", None) is not None:
                     ps.append(m.bias)
             else:
@@ -355,26 +370,30 @@ def _adam(
 ) -> bool:
     """Gradient descent on the unit; returns True when the loss stopped being finite."""
     lin_items = list(unit.linears.items())
-    for name, lin in lin_items:
-        mask = _oriented(lin, masks[name].to(device))
-        if cfg.lora_rank:
+    if cfg.lora_rank:
+        for name, lin in lin_items:
+            mask = _oriented(lin, masks[name].to(device))
             torch.manual_seed(seed)
             p = _MaskedLoRA(mask, cfg.lora_rank, cfg.lora_alpha, transposed=bool(Conv1D) and isinstance(lin, Conv1D))
-        else:
-            p = _Masked(mask)
-        parametrize.register_parametrization(lin, "weight", p)
+            parametrize.register_parametrization(lin, "weight", p)
     float_state = {}
+    grad_masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+    hooks = []
     try:
         for m in unit.modules:  # train in float32 (fp32 master weights, Rethinking paper)
             for p in m.parameters():
                 if p.dtype != torch.float32:
                     float_state[id(p)] = p.dtype
                     p.data = p.data.float()
+        if not cfg.lora_rank:
+            for name, lin in lin_items:
+                grad_masks.append((lin.weight, _oriented(lin, masks[name].to(device, torch.float32))))
         params = _trainable(unit, cfg)
         chosen = {id(p) for p in params}
         for m in unit.modules:
             for p in m.parameters():
                 p.requires_grad_(id(p) in chosen)
+        hooks = _hold_masks(grad_masks)
         steps_per_epoch = math.ceil(len(train_rows) / batch_size)
         total = steps_per_epoch * cfg.epochs
         opt = _adamw(params, cfg.lr)
@@ -420,8 +439,14 @@ def _adam(
     except FloatingPointError:
         return True
     finally:
-        for _name, lin in lin_items:
-            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for w, mask in grad_masks:  # exact already (see _hold_masks); this makes it unconditional
+                w.mul_(mask)
+        if cfg.lora_rank:
+            for _name, lin in lin_items:
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
         for m in unit.modules:
             for p in m.parameters():
                 p.requires_grad_(False)
