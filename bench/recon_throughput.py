@@ -2,12 +2,14 @@
 
 Protocol "recon-throughput-v1": the default model (float32 copy) cut to its first 4 blocks; Wanda
 50% with C4 calibration, 16 windows of 256 tokens (2 held out), seed 0; BR+GP for 2 epochs at batch
-1 and batch 8 (the cpu-recon-v1 and paper batch sizes). Throughput = the units' counted forward +
-backward FLOPs of their linears (backward = 2x forward; attention scores are not counted, so this
-understates) divided by the units' training time (which also includes the per-epoch held-out check),
-against a 1024x1024 float32 matmul measured in the same process just before and just after.
+1 and batch 8 (the cpu-recon-v1 and paper batch sizes). Throughput = the units' counted FLOPs of
+their linears (forward + backward for each training step, backward = 2x forward; forward only for
+the per-epoch held-out check; attention scores are not counted, so this understates) divided by the
+units' training time (steps and held-out checks), against a 1024x1024 float32 matmul measured in the
+same process just before and just after. Results before 2026-11-23 did not count the held-out
+forward passes (about 5% of the work) although their time was included.
 Run it on a quiet machine: `python bench/recon_throughput.py`; writes
-bench/results/recon-throughput-v1.json.
+bench/results/recon-throughput-v1.json (the committed runs were renamed -run1, -run2).
 """
 
 from __future__ import annotations

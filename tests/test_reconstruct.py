@@ -290,3 +290,17 @@ def test_calib_mix_takes_the_given_share_of_self_generated_windows(tmp_path):
     again = calibration_ids(model, NumTok(), calib, torch.device("cpu"))
     assert torch.equal(ids, again)  # same seed: same windows (the generated half from the cache)
     assert len(list((tmp_path / "selfgen").glob("*.pt"))) == 1
+
+
+def test_counted_flops_are_the_linears_forward_backward_plus_heldout_forward():
+    cfg = _cfg("br", granularity="matrix", epochs=2, lr=1e-3, holdout=0.34)
+    model, report = prunekit.prune(make_tiny_model("llama"), None, cfg, calib_ids=CALIB, progress=False)
+    held = report.heldout_windows
+    assert 0 < held < len(CALIB)
+    train_tokens = (len(CALIB) - held) * CALIB.shape[1]
+    layout = discover(model)
+    numel = {f"model.layers.{i}.{n}": m.weight.numel() for i in range(len(layout.blocks)) for n, m in layout.block_linears(i).items()}
+    for u in report.units:
+        per_token = 2 * numel[u.unit]
+        expected = cfg.recon.epochs * (3 * per_token * train_tokens + per_token * held * CALIB.shape[1])
+        assert u.flops == pytest.approx(expected), u.unit
