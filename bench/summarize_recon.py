@@ -76,6 +76,8 @@ def calib_study(d: Path, grid_n: int) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     names = sorted(p.stem for p in d.glob("wanda-*-*-*.json") if p.stem.rsplit("-", 2)[1] in ("c4", "self"))
+    if not names:  # this protocol has no calibration study
+        return []
     rows = []
     for name in names:
         base, calib, n = name.rsplit("-", 2)
@@ -119,8 +121,7 @@ def main() -> None:
     text = "\n".join(
         [f"### Grid ({a.protocol}, 50% unstructured, C4 calibration)", ""]
         + grid(d)
-        + ["", "### Calibration source and size (Wanda)", ""]
-        + calib_study(d, a.grid_n)
+        + (["", "### Calibration source and size (Wanda)", ""] + study if (study := calib_study(d, a.grid_n)) else [])
         + (["", "### Extra runs", ""] + extra_runs(d) if extra_runs(d) else [])
     )
     print(text)

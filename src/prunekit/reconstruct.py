@@ -307,6 +307,9 @@ def fit(
     """
     err = lambda rows: normalised_error(unit.forward, inputs, targets, rows, batch_size, device)  # noqa: E731
     record = UnitRecord(unit.name, err(train_rows) or 0.0, 0.0, err(heldout_rows), None)
+    if cfg.solver != "lstsq" and not cfg.epochs:  # nothing to fit (LR): the errors are measured once
+        record.calib_after, record.heldout_after = record.calib_before, record.heldout_before
+        return record
     before = {id(m): copy.deepcopy(m.state_dict()) for m in unit.modules}
     t0 = time.perf_counter()
     diverged = False
