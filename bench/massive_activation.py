@@ -27,6 +27,7 @@ import torch
 
 import prunekit
 from prunekit.data import documents, sample_windows
+from recon_grid import dense_copy, write_json
 
 HERE = Path(__file__).parent
 SEQ, N, TRAIN = 256, 16, 14
@@ -69,7 +70,7 @@ def _train(params: list[torch.nn.Parameter], f, x: torch.Tensor, y: torch.Tensor
 def main() -> None:
     block = int(sys.argv[1]) if len(sys.argv) > 1 else 11
     torch.manual_seed(0)
-    dense, tok = prunekit.load_model(str(HERE / "work" / "smollm2-135m-f32"), dtype="float32")
+    dense, tok = prunekit.load_model(str(dense_copy(HERE / "work")), dtype="float32")
     lr_model, _ = prunekit.load_model(str(HERE / "work" / "cpu-recon-v1" / "wanda-lr"), dtype="float32")
     ids = sample_windows(documents("c4", os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data")), tok, N, SEQ, 0)
     _, _, yd = _states(dense, ids, block)
@@ -100,9 +101,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         result["runs"].append(row)
     dest = HERE / "results" / "massive-activation-v1.json"
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(dest)
+    write_json(dest, result)
 
 
 if __name__ == "__main__":

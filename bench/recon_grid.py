@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from prunekit.config import PRESETS, RunConfig
 from prunekit.run import run_prune
@@ -64,6 +65,14 @@ def dense_copy(work: Path) -> Path:
         save_model(model, tok, tmp)
         tmp.replace(path)
     return path
+
+
+def write_json(dest: Path, data: Any) -> None:
+    """Write a result file whole or not at all (a temporary name, then a rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp"
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(dest)
 
 
 def main() -> None:
@@ -109,15 +118,12 @@ def main() -> None:
     for u in metrics.get("reconstruction", {}).get("units", []):
         u.pop("heldout_curve", None)
     out = here / "results" / a.protocol
-    out.mkdir(parents=True, exist_ok=True)
     result = {
         "run": name,
         "protocol": {"name": a.protocol, **p, "calib": a.calib, "holdout": 0.1, "lr": r.lr},
         **metrics,
     }
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / f"{name}.json")
+    write_json(out / f"{name}.json", result)
     plotted = criterion == "wanda" and name == a.run and preset in ("lr", "br", "br-gp", "br-gp-cr")
     if os.environ.get("PRUNEKIT_BENCH_KEEP_MODELS") != "1" and not plotted:
         shutil.rmtree(work, ignore_errors=True)  # the error-vs-block plot needs only Wanda's four main presets

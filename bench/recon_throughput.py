@@ -30,7 +30,7 @@ HERE = Path(__file__).parent
 
 
 def main() -> None:
-    from recon_grid import dense_copy
+    from recon_grid import dense_copy, write_json
 
     device = torch.device("cpu")
     model, tok = prunekit.load_model(str(dense_copy(HERE / "work")), dtype="float32")
@@ -66,9 +66,7 @@ def main() -> None:
         "runs": rows,
     }
     dest = HERE / "results" / "recon-throughput-v1.json"
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(dest)
+    write_json(dest, out)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def _linears(block: nn.Module, prefix: str, layout: Layout, index: int) -> dict[
     return {f"{prefix}.{n}": found[n] for n in names if n in found}
 
 
-# ----------------------------------------------------------------------------- masked parametrisations
+# ----------------------------------------------------------------------------- holding masks fixed
 
 
 def _hold_masks(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> list[Any]:
@@ -307,7 +307,7 @@ def fit(
     """
     err = lambda rows: normalised_error(unit.forward, inputs, targets, rows, batch_size, device)  # noqa: E731
     record = UnitRecord(unit.name, err(train_rows) or 0.0, 0.0, err(heldout_rows), None)
-    if cfg.solver != "lstsq" and not cfg.epochs:  # nothing to fit (LR): the errors are measured once
+    if not cfg.trains:  # nothing to fit (LR): the errors are measured once
         record.calib_after, record.heldout_after = record.calib_before, record.heldout_before
         return record
     before = {id(m): copy.deepcopy(m.state_dict()) for m in unit.modules}
@@ -347,7 +347,11 @@ def _trainable(unit: Unit, cfg: ReconConfig) -> list[nn.Parameter]:
             if id(m) in internals:
                 continue
             if id(m) in linear_ids:
-                ps = [m.parametrizations.weight[0].lora_a, m.parametrizations.weight[0].lora_b] if cfg.lora_rank else [m.weight]
+                if cfg.lora_rank:
+                    lora = m.parametrizations.weight[0]
+                    ps = [lora.lora_a, lora.lora_b]
+                else:
+                    ps = [m.weight]
                 if cfg.train == "all" and getattr(m, "bias", None) is not None:
                     ps.append(m.bias)
             else:
