@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="override the paper's lr 2e-4 (an extra run, named -lrVALUE)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (an extra run, named -epochsN)")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     a = ap.parse_args()
     criterion, _, preset = a.run.partition("-")
@@ -93,6 +94,9 @@ def main() -> None:
     name = a.run if (a.calib == "c4" and not a.nsamples) else f"{a.run}-{a.calib}-{p['nsamples']}"
     if a.lr is not None:
         name += f"-lr{a.lr:g}"
+    if a.epochs is not None:
+        p["epochs"] = a.epochs
+        name += f"-epochs{a.epochs}"
     here = Path(__file__).parent
     work = here / "work" / a.protocol / name
 

@@ -31,7 +31,7 @@ W=bench/work/$P
 if [ -n "${RUNS:-}" ]; then  # RUNS="wanda-lr wanda-br-gp:--lr=0.001 ...": only these (NAME[:EXTRA ARGS, comma-separated])
   for spec in $RUNS; do
     base=${spec%%:*}; extra=""; [ "$spec" != "$base" ] && extra=${spec#*:}
-    name=$base; [ -n "$extra" ] && name="$base-$(echo "$extra" | tr -d '=-')"
+    name=$base; [ -n "$extra" ] && name="$base-$(echo "$extra" | tr -d '=-' | tr , -)"
     run "$name" "$base" ${extra//,/ }
   done
   exit 0
