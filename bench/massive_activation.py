@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.data import documents, sample_windows
 from prunekit.config import ReconConfig
+from prunekit.data import documents, sample_windows
 from prunekit.reconstruct import Point, Unit, fit
 from recon_grid import dense_copy, write_json
 

@@ -184,7 +184,7 @@ class ReconConfig:
     """
 
     # preset (see PRESETS); the flags below override it. The default is the main job's: "quick" fits
-    # its 10-minute CPU budget (6.5 min measured) and beat "lr" on the same calibration windows
+    # its 10-minute CPU budget (4 min 50 s measured) and beat "lr" on the same calibration windows
     # (WikiText-2 42.98 vs 46.97, BENCHMARKS.md).
     recon: str = "quick"
     granularity: str | None = None  # matrix | attn-mlp | block
