@@ -97,17 +97,26 @@ def calib_study(d: Path, grid_n: int) -> list[str]:
 
 
 def extra_runs(d: Path) -> list[str]:
-    """Runs outside the protocol's settings (e.g. another learning rate), each against its grid twin."""
-    lines = ["| run | lr | WikiText-2 | C4 | same run at the protocol's lr | held-out err after | total s |", "|---|---|---|---|---|---|---|"]
+    """Runs outside the protocol's settings (another learning rate or epoch count), each against its grid twin."""
+    dense = _load(d, "dense")
+    dppl = dense["perplexity"] if dense else {}
+    lines = [
+        "| run | lr | epochs | WikiText-2 | C4 | gap closed (wt2 / c4) | same preset at the protocol's settings | held-out err after | total s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in sorted(f for f in d.glob("*-lr*.json") if re.search(r"-lr\d", f.stem)):
         r = json.loads(f.read_text())
-        twin = _load(d, f.stem.rsplit("-lr", 1)[0])
+        base = f.stem.rsplit("-lr", 1)[0]
+        twin, lr = _load(d, base), _load(d, f"{base.split('-')[0]}-lr")
         p = r["perplexity"]
         e = r.get("reconstruction", {}).get("error", {})
         t = f"{twin['perplexity']['wikitext2']:.2f} / {twin['perplexity']['c4']:.2f}" if twin else "–"
+        gaps = "–" if lr is None else " / ".join(
+            _gap(lr["perplexity"][k], p[k], dppl.get(k)) for k in ("wikitext2", "c4")
+        )
         lines.append(
-            f"| {f.stem} | {r['protocol'].get('lr')} | {p['wikitext2']:.2f} | {p['c4']:.2f} | {t} "
-            f"| {_f(e.get('heldout_after'), '.4f')} | {r['timing']['total_s']:.0f} |"
+            f"| {f.stem} | {r['protocol'].get('lr')} | {r['protocol'].get('epochs')} | {p['wikitext2']:.2f} | {p['c4']:.2f} "
+            f"| {gaps} | {t} | {_f(e.get('heldout_after'), '.4f')} | {r['timing']['total_s']:.0f} |"
         )
     return lines if len(lines) > 2 else []
 
