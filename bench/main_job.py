@@ -21,7 +21,7 @@ from pathlib import Path
 
 from recon_grid import write_json
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
