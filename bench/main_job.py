@@ -5,7 +5,10 @@ written again), PRUNEKIT_DATA_DIR from the environment, `/usr/bin/time -v` for w
 RSS. Nothing else should run meanwhile (pause benchmark workers with SIGSTOP). The run's own
 metrics.json is merged into the result.
 
-    python bench/main_job.py NAME    # writes bench/results/main-job/NAME.json
+    python bench/main_job.py NAME [PRUNE FLAGS...]   # writes bench/results/main-job/NAME.json
+
+Extra flags after NAME go to `prunekit prune` (to time an alternative default); the protocol string
+in the result names them.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ def _time_field(report: str, label: str) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python bench/main_job.py NAME")
-    name = sys.argv[1]
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python bench/main_job.py NAME [PRUNE FLAGS...]")
+    name, extra = sys.argv[1], sys.argv[2:]
     out = ROOT / "runs" / "quickstart"
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "PRUNEKIT_CACHE_DIR": cache}
-        cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "prunekit"), "prune", "--out", str(out), "--overwrite"]
+        cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "prunekit"), "prune", "--out", str(out), "--overwrite", *extra]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-3000:])
@@ -47,7 +50,8 @@ def main() -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     metrics.get("sparsity", {}).pop("per_layer", None)
     result = {
-        "protocol": "main-job-v1: `prunekit prune --out runs/quickstart --overwrite` (no other flags), fresh "
+        "protocol": "main-job-v1: `prunekit prune --out runs/quickstart --overwrite"
+        + "".join(f" {x}" for x in extra) + "` (" + ("these flags only" if extra else "no other flags") + "), fresh "
         "PRUNEKIT_CACHE_DIR, PRUNEKIT_DATA_DIR=" + os.environ.get("PRUNEKIT_DATA_DIR", "(unset)")
         + ", nothing else running (benchmarks paused with SIGSTOP), /usr/bin/time -v",
         "date": datetime.date.today().isoformat(),

@@ -93,8 +93,8 @@ def test_cli_main_job_end_to_end(tmp_path, data_dir):
     assert "perplexity wikitext2" in res.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["calib"] == "self"
-    rec = metrics["reconstruction"]  # the main job reconstructs with the "quick" preset (BR+GP, 1 epoch)
-    assert rec["settings"]["recon"] == "quick" and len(rec["units"]) == 30
+    rec = metrics["reconstruction"]  # the main job reconstructs with the "quick" preset (BR+GP+CR, 1 epoch)
+    assert rec["settings"]["recon"] == "quick" and len(rec["units"]) == 31  # windows [0], [0,1], ..., [28,29], [29]
     assert all(u["steps"] == 3 for u in rec["units"])  # 3 training windows of 4, batch 1
     assert metrics["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
     assert len(metrics["sparsity"]["per_layer"]) == 210

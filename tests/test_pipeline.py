@@ -328,14 +328,15 @@ def test_model_helpers():
 
 
 def test_default_reconstructs_with_the_quick_preset():
-    """The library and CLI default is the main job's: BR+GP for one epoch (preset "quick")."""
+    """The library and CLI default is the main job's: BR+GP+CR for one epoch (preset "quick")."""
     cfg = PruneConfig(batch_size=2, device="cpu")
     r = cfg.recon.validate()
     assert (r.recon, r.granularity, r.targets, r.epochs, r.lr, r.recon_batch_size) == ("quick", "block", "global", 1, 1e-3, 1)
+    assert (r.window, r.stride, r.recompute_masks) == (2, 1, True)
     model = make_tiny_model("llama")
     orig = {k: v.clone() for k, v in model.state_dict().items()}
     pruned, report = prunekit.prune(model, None, cfg, calib_ids=CALIB, progress=False)
-    assert len(report.units) == len(pruned.model.layers)
+    assert len(report.units) == len(pruned.model.layers) + 1  # windows [0], [0,1], ..., [L-2,L-1], [L-1]
     assert all(u.steps == 4 for u in report.units)  # 1 epoch over the 4 training windows of 5 (1 held out), batch 1
     w = pruned.model.layers[0].mlp.down_proj.weight
     kept = w != 0

@@ -161,11 +161,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "attn-mlp-gp": {"granularity": "attn-mlp", "inputs": "sparse", "targets": "global", "window": 1, "stride": 1, "epochs": 10},
     # Free Lunch paper default: attention/MLP units on the dense model's inputs (local = global there)
     "free-lunch": {"granularity": "attn-mlp", "inputs": "dense", "targets": "local", "window": 1, "stride": 1, "epochs": 10},
-    # the main job's default on a CPU: BR+GP with one epoch at batch 1 and lr 1e-3. With ~30 windows
-    # that is ~30 Adam steps per block instead of the paper's 320; in the cpu-recon-v1 grid (28 steps
-    # per block) lr 1e-3 closed nearly twice the share of the LR-to-dense gap that 2e-4 did (BENCHMARKS.md).
+    # the main job's default on a CPU: BR+GP+CR (windows of 2 blocks, stride 1) with one epoch at
+    # batch 1 and lr 1e-3. With ~30 windows that is ~30 Adam steps per unit instead of the paper's
+    # 320; in the cpu-recon-v1 grid (28 steps per block) lr 1e-3 closed nearly twice the share of the
+    # LR-to-dense gap that 2e-4 did, and in cpu-recon-v2 BR+GP+CR was the best preset for Wanda and
+    # SparseGPT. The main job with it takes 7 min 20 s, with BR+GP 4 min 50 s (BENCHMARKS.md).
     "quick": {
-        "granularity": "block", "inputs": "sparse", "targets": "global", "window": 1, "stride": 1, "epochs": 1,
+        "granularity": "block", "inputs": "sparse", "targets": "global", "window": 2, "stride": 1, "epochs": 1,
         "lr": 1e-3, "recon_batch_size": 1,
     },
 }
@@ -178,14 +180,14 @@ class ReconConfig:
 
     The paper presets (br, br-gp, br-gp-cr, attn-mlp-gp) train as the Rethinking paper does
     (Appendix A): AdamW, lr 2e-4, betas (0.9, 0.95), no weight decay, linear decay to 0 without
-    warm-up, batch 8, 10 epochs. The default preset, ``quick``, is the main job's CPU budget: one
-    epoch at batch 1 and lr 1e-3. Every non-mask parameter of the unit is trained (norm weights and
+    warm-up, batch 8, 10 epochs. The default preset, ``quick``, is BR+GP+CR at the main job's CPU
+    budget: one epoch at batch 1 and lr 1e-3. Every non-mask parameter of the unit is trained (norm weights and
     biases too) unless ``train`` is ``linear``.
     """
 
     # preset (see PRESETS); the flags below override it. The default is the main job's: "quick" fits
-    # its 10-minute CPU budget (4 min 50 s measured) and beat "lr" on the same calibration windows
-    # (WikiText-2 42.98 vs 46.97, BENCHMARKS.md).
+    # its 10-minute CPU budget (7 min 20 s measured) and is the best preset that does: WikiText-2
+    # 40.99, against 43.06 with BR+GP at one epoch and 46.97 with "lr" (BENCHMARKS.md).
     recon: str = "quick"
     granularity: str | None = None  # matrix | attn-mlp | block
     inputs: str | None = None  # sparse | dense: where a unit's inputs come from
