@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the main job: prune the default model (SmolLM2-135M) to 50% with
-# Wanda on self-generated calibration text, reconstruct it block by block (the "quick" preset:
-# BR+GP, one epoch), evaluate, save to runs/quickstart, print a summary.
+# Wanda on self-generated calibration text, reconstruct it in windows of two blocks (the "quick"
+# preset: BR+GP+CR, one epoch), evaluate, save to runs/quickstart, print a summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
