@@ -29,6 +29,7 @@ import torch
 import prunekit
 from prunekit.config import ReconConfig
 from prunekit.data import documents, sample_windows
+from prunekit.families import is_linear
 from prunekit.reconstruct import Point, Unit, fit
 from recon_grid import dense_copy, write_json
 
@@ -49,7 +50,7 @@ def _states(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.T
 
 def _unit(name: str, modules: list[torch.nn.Module], forward) -> tuple[Unit, dict[str, torch.Tensor]]:
     """An engine unit over ``modules`` with ``forward``, and the masks its zero weights make."""
-    linears = {f"{name}.{n}": m for mod in modules for n, m in mod.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {f"{name}.{n}": m for mod in modules for n, m in mod.named_modules() if is_linear(m)}
     masks = {n: m.weight != 0 for n, m in linears.items()}
     return Unit(name, modules, linears, Point(None), Point(None), forward), masks
 

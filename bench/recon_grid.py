@@ -16,10 +16,10 @@ Protocols (`--protocol`):
 - ``gpu-v1``: the paper's sizes: 256 windows of 1024 tokens, 10 epochs, perplexity at 2048 tokens
   on the full sets (needs a GPU).
 
-    python bench/recon_grid.py RUN [--protocol P] [--calib c4|self] [--nsamples N]
+    python bench/recon_grid.py RUN [--protocol P] [--calib c4|self] [--nsamples N] [--lr X] [--epochs N]
       RUN = CRITERION-PRESET, e.g. wanda-br-gp (criteria: magnitude, wanda, sparsegpt;
       presets: lr, br, br-gp, br-gp-cr, attn-mlp-gp, free-lunch)
-Writes bench/results/PROTOCOL/RUN[-calib-N].json; the pruned model goes to bench/work/ (ignored).
+Writes bench/results/PROTOCOL/RUN[-calib-N][-lrX][-epochsN].json (`--print-name` prints that name); the pruned model goes to bench/work/ (ignored).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="override the paper's lr 2e-4 (an extra run, named -lrVALUE)")
     ap.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (an extra run, named -epochsN)")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
+    ap.add_argument("--print-name", action="store_true", help="print the run's result name and stop (for run_recon_grid.sh)")
     a = ap.parse_args()
     criterion, _, preset = a.run.partition("-")
     if criterion not in CRITERIA or preset not in PRESETS:
@@ -97,6 +98,9 @@ def main() -> None:
     if a.epochs is not None:
         p["epochs"] = a.epochs
         name += f"-epochs{a.epochs}"
+    if a.print_name:
+        print(name)
+        return
     here = Path(__file__).parent
     work = here / "work" / a.protocol / name
 

@@ -16,8 +16,9 @@ R=bench/results/$P
 CLAIMS=bench/work/$P/.claims
 mkdir -p "$R" "$CLAIMS"
 
-run() {  # run NAME ARGS...: run once, unless done or claimed by another worker
-  local name=$1; shift
+run() {  # run ARGS...: run once, unless done or claimed by another worker (recon_grid.py names the run)
+  local name
+  name=$("$PY" bench/recon_grid.py "$@" --protocol "$P" --print-name)
   [ -f "$R/$name.json" ] && return 0
   mkdir "$CLAIMS/$name" 2>/dev/null || return 0
   echo "=== $name $(date -Is)"
@@ -31,8 +32,7 @@ W=bench/work/$P
 if [ -n "${RUNS:-}" ]; then  # RUNS="wanda-lr wanda-br-gp:--lr=0.001 ...": only these (NAME[:EXTRA ARGS, comma-separated])
   for spec in $RUNS; do
     base=${spec%%:*}; extra=""; [ "$spec" != "$base" ] && extra=${spec#*:}
-    name=$base; [ -n "$extra" ] && name="$base-$(echo "$extra" | tr -d '=-' | tr , -)"
-    run "$name" "$base" ${extra//,/ }
+    run "$base" ${extra//,/ }
   done
   exit 0
 fi
@@ -45,14 +45,14 @@ if [ "${1:-}" != "--plot-only" ]; then
   fi
   for crit in wanda sparsegpt magnitude; do
     for preset in lr br br-gp br-gp-cr attn-mlp-gp; do
-      run "$crit-$preset" "$crit-$preset"
+      run "$crit-$preset"
     done
   done
   for n in $SIZES; do
     for preset in br-gp br-gp-cr; do
       for calib in c4 self; do
         [ "$calib" = c4 ] && [ "$n" = "$GRID_N" ] && continue  # the grid run itself
-        run "wanda-$preset-$calib-$n" "wanda-$preset" --calib "$calib" --nsamples "$n"
+        run "wanda-$preset" --calib "$calib" --nsamples "$n"
       done
     done
   done

@@ -33,11 +33,15 @@ def _gap(lr: float | None, x: float | None, dense: float | None) -> str:
     return f"{100 * (lr - x) / (lr - dense):.0f}%"
 
 
-def grid(d: Path) -> list[str]:
+def _dense_ppl(d: Path) -> dict[str, float]:
     dense = _load(d, "dense")
-    dppl = dense["perplexity"] if dense else {}
+    return dense["perplexity"] if dense else {}
+
+
+def grid(d: Path) -> list[str]:
+    dppl = _dense_ppl(d)
     lines = []
-    if dense:
+    if dppl:
         lines.append(
             f"Dense: WikiText-2 {dppl['wikitext2']:.2f}, C4 {dppl['c4']:.2f} (same windows).\n"
         )
@@ -98,8 +102,7 @@ def calib_study(d: Path, grid_n: int) -> list[str]:
 
 def extra_runs(d: Path) -> list[str]:
     """Runs outside the protocol's settings (another learning rate or epoch count), each against its grid twin."""
-    dense = _load(d, "dense")
-    dppl = dense["perplexity"] if dense else {}
+    dppl = _dense_ppl(d)
     lines = [
         "| run | lr | epochs | WikiText-2 | C4 | gap closed (wt2 / c4) | same preset at the protocol's settings | held-out err after | total s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -131,7 +134,7 @@ def main() -> None:
         [f"### Grid ({a.protocol}, 50% unstructured, C4 calibration)", ""]
         + grid(d)
         + (["", "### Calibration source and size (Wanda)", ""] + study if (study := calib_study(d, a.grid_n)) else [])
-        + (["", "### Extra runs", ""] + extra_runs(d) if extra_runs(d) else [])
+        + (["", "### Extra runs", ""] + extra if (extra := extra_runs(d)) else [])
     )
     print(text)
     (d / "summary.md").write_text(text + "\n")

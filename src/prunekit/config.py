@@ -181,8 +181,8 @@ class ReconConfig:
     The paper presets (br, br-gp, br-gp-cr, attn-mlp-gp) train as the Rethinking paper does
     (Appendix A): AdamW, lr 2e-4, betas (0.9, 0.95), no weight decay, linear decay to 0 without
     warm-up, batch 8, 10 epochs. The default preset, ``quick``, is BR+GP+CR at the main job's CPU
-    budget: one epoch at batch 1 and lr 1e-3. Every non-mask parameter of the unit is trained (norm weights and
-    biases too) unless ``train`` is ``linear``.
+    budget: one epoch at batch 1 and lr 1e-3. Every non-mask parameter of the unit is trained (norm
+    weights and biases too) unless ``train`` is ``linear``.
     """
 
     # preset (see PRESETS); the flags below override it. The default is the main job's: "quick" fits
