@@ -46,6 +46,10 @@ _HELP = {
     "eval_tasks": "zero-shot tasks: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa,lambada, or paper / all",
     "eval_limit": "first N items of each zero-shot task; 0 = all",
     "calib_mix": "fraction of the calibration windows written by the model itself, mixed into --calib",
+    "loss": "reconstruction objective: mse | token-mse (each token's error over its norm) | cosine | kd (through the LM head)",
+    "loss_skip": "leave the first k positions of each window (attention sinks) out of the loss",
+    "guard": "revert | warn | off: compare reconstruction with the masks-only weights on held-out windows "
+    "(per window, and end to end by KL through the LM head); revert windows, or the whole run, that end worse",
 }
 
 
@@ -190,7 +194,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 def _cmd_error(ns: argparse.Namespace) -> int:
     from .data import eval_text, eval_windows
-    from .evaluate import block_errors, effective_seqlen
+    from .evaluate import block_error_detail, effective_seqlen
     from .models import load_model
     from .pipeline import resolve_device
     from .report import plot_block_errors
@@ -204,10 +208,10 @@ def _cmd_error(ns: argparse.Namespace) -> int:
         dense, tokenizer = load_model(ns.dense, ns.dtype)
         seqlen = effective_seqlen(dense, ns.eval_seqlen)
         windows = eval_windows(tokenizer(eval_text(ns.data, ns.data_dir))["input_ids"], seqlen, ns.eval_windows)
-        runs: dict[str, list[float]] = {}
+        runs: dict[str, dict[str, list[float]]] = {}
         for path in ns.model:
             pruned, _ = load_model(path, ns.dtype)
-            runs[Path(path).name or path] = block_errors(dense, pruned, windows, ns.eval_batch_size, device)
+            runs[Path(path).name or path] = block_error_detail(dense, pruned, windows, ns.eval_batch_size, device)
             del pruned
         result = {
             "dense": ns.dense, "data": ns.data, "seqlen": seqlen, "windows": int(windows.shape[0]),
@@ -220,7 +224,11 @@ def _cmd_error(ns: argparse.Namespace) -> int:
         rundir.discard()
         raise
     for name, errs in runs.items():
-        print(f"{name}: error at block 0 {errs[0]:.4f}, last block {errs[-1]:.4f}")
+        agg, tok, share = errs["aggregate"], errs["token"], errs["first_token_share"]
+        print(
+            f"{name}: error at block 0 {agg[0]:.4f}, last block {agg[-1]:.4f}; per-token (after the first) "
+            f"{tok[0]:.4f} / {tok[-1]:.4f}; first token holds up to {max(share):.0%} of the squared norm"
+        )
     print(f"written to {ns.out}/errors.json and block_errors.png")
     return 0
 

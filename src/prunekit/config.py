@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import PrunekitError
+from .losses import LOSSES
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -146,6 +147,7 @@ GRANULARITIES = ("matrix", "attn-mlp", "block")
 SOLVERS = ("adam", "lstsq")
 INPUTS = ("sparse", "dense")
 TARGETS = ("local", "global")
+GUARDS = ("revert", "warn", "off")
 
 # The papers' configurations by name (REFERENCE §3). `None` leaves the field as it is.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -206,6 +208,9 @@ class ReconConfig:
     early_stop: bool = False  # stop a unit when its held-out error stops improving, keep its best weights
     patience: int = 1  # epochs without held-out improvement before stopping
     measure_error: bool | None = None  # record calibration/held-out error per unit; default: when training
+    loss: str = "token-mse"  # mse | token-mse | cosine | kd (see prunekit.losses; issue 10)
+    loss_skip: int = 0  # leave the first k positions of every window (attention sinks) out of the loss
+    guard: str = "revert"  # revert | warn | off: end-to-end check against the masks-only (LR) weights
 
     def resolved(self) -> "ReconConfig":
         """A copy with the preset's values filled in where no flag set them."""
@@ -237,6 +242,10 @@ class ReconConfig:
             (0.0 <= r.holdout < 1.0, f"holdout {r.holdout} is outside [0, 1)"),
             (r.lora_rank >= 0, "lora-rank must be 0 (off) or positive"),
             (r.patience >= 1, "patience must be at least 1"),
+            (r.loss in LOSSES, f"unknown loss {r.loss!r}; choose one of {', '.join(LOSSES)}"),
+            (r.loss != "kd" or r.granularity != "matrix", "--loss kd reads hidden states through the LM head; use it with --granularity block or attn-mlp"),
+            (r.loss_skip >= 0, "loss-skip must be 0 or more positions"),
+            (r.guard in GUARDS, f"unknown guard {r.guard!r}; choose one of {', '.join(GUARDS)}"),
         ]
         for ok, message in checks:
             if not ok:

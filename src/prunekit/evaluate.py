@@ -101,24 +101,36 @@ def perplexity_of_ids(
     return Perplexity(name, ppl, int(windows.shape[1]), int(windows.shape[0]), nll, time.perf_counter() - t)
 
 
-@torch.no_grad()
 def block_errors(
     dense: nn.Module, pruned: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str
 ) -> list[float]:
-    """Normalised error ``sum ||h_dense - h_pruned||^2 / sum ||h_dense||^2`` at every block's output.
+    """Aggregate normalised error ``sum ||h_dense - h_pruned||^2 / sum ||h_dense||^2`` at every block's output."""
+    return block_error_detail(dense, pruned, windows, batch_size, device)["aggregate"]
+
+
+@torch.no_grad()
+def block_error_detail(
+    dense: nn.Module, pruned: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str
+) -> dict[str, list[float]]:
+    """Error of every block's output against the dense model's: ``aggregate``, ``token``, ``first_token_share``.
 
     Each model runs its own full forward pass (global propagation), so block ``i``'s error is what
-    the pruned model has accumulated up to there: the Rethinking paper's Figure 3.
+    the pruned model has accumulated up to there: the Rethinking paper's Figure 3. ``aggregate`` is
+    ``sum ||h_dense - h_pruned||^2 / sum ||h_dense||^2``; ``token`` the mean over tokens after the
+    first of each token's own normalised error, so that an attention sink with a massive activation
+    (which can hold half of a window's squared norm) cannot hide what happens to every other token;
+    ``first_token_share`` the first position's share of the dense squared norm.
     """
     from .families import discover
+    from .losses import ErrorSums
 
     device = torch.device(device)
     blocks_d = discover(dense).blocks
     blocks_p = discover(pruned).blocks
     if len(blocks_d) != len(blocks_p):
         raise PrunekitError(f"the pruned model has {len(blocks_p)} blocks and the dense one {len(blocks_d)}; compare matching models")
-    num = torch.zeros(len(blocks_d), dtype=torch.float64)
-    den = torch.zeros(len(blocks_d), dtype=torch.float64)
+    whole = [ErrorSums() for _ in blocks_d]  # every position
+    rest = [ErrorSums() for _ in blocks_d]  # positions after the first
     store: list[torch.Tensor] = [torch.empty(0)] * len(blocks_d)
 
     def keep(i: int):
@@ -129,8 +141,9 @@ def block_errors(
     def compare(i: int):
         def hook(_m, _i, out):
             h = (out[0] if isinstance(out, (tuple, list)) else out).float()
-            num[i] += float(((h - store[i]) ** 2).sum())
-            den[i] += float((store[i] ** 2).sum())
+            whole[i].add(h, store[i])
+            if h.shape[1] > 1:
+                rest[i].add(h[:, 1:], store[i][:, 1:])
         return hook
 
     handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(blocks_d)]
@@ -147,4 +160,8 @@ def block_errors(
             h.remove()
         dense.to("cpu")
         pruned.to("cpu")
-    return (num / den.clamp_min(1e-30)).tolist()
+    return {
+        "aggregate": [s.aggregate for s in whole],
+        "token": [s.token if s.tokens else s_all.token for s, s_all in zip(rest, whole)],
+        "first_token_share": [s.first_token_share for s in whole],
+    }

@@ -33,6 +33,7 @@ class Family:
     mid_norm: str  # the norm whose input is the residual stream between attention and MLP
     linear_groups: tuple[tuple[str, ...], ...]  # linears sharing one input, in forward order
     mlp_branch: tuple[str, ...]  # modules applied in order to the mid residual h: block output = h + branch(h)
+    final_norm: str = "model.norm"  # the norm between the last block and the LM head
 
 
 _LLAMA_GROUPS = (
@@ -77,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
             ("fc2",),
         ),
         mlp_branch=("final_layer_norm", "fc1", "activation_fn", "fc2"),
+        final_norm="model.decoder.final_layer_norm",
     ),
     Family(
         name="gpt2",
@@ -87,6 +89,7 @@ FAMILIES: tuple[Family, ...] = (
         mid_norm="ln_2",
         linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         mlp_branch=("ln_2", "mlp"),
+        final_norm="transformer.ln_f",
     ),
 )
 
@@ -180,3 +183,27 @@ def discover(model: nn.Module) -> Layout:
         if not layout.block_linears(i):
             raise PrunekitError(f"block {i} has no linear layers to prune")
     return layout
+
+
+class Readout(nn.Module):
+    """Final norm, LM head and (Gemma 2/3) logit soft-capping: hidden states -> next-token logits.
+
+    Reconstruction reads a unit's output through it for the ``kd`` objective and the end-to-end
+    guard; it shares (does not copy) the model's own modules.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        fam = family_for(model)
+        try:
+            self.norm = _get(model, fam.final_norm)
+        except AttributeError:
+            raise PrunekitError(f"this {fam.name}-family model has no {fam.final_norm}; see prunekit/families.py") from None
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(hidden))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

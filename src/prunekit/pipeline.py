@@ -38,7 +38,9 @@ from .config import CalibConfig, PruneConfig, ReconConfig
 from .criteria import InputStats, make_criterion
 from .data import documents, sample_windows
 from .errors import PrunekitError
-from .families import discover, weight_matrix
+from .families import Readout, discover, weight_matrix
+from .guard import EndToEnd, GuardReport, restore, snapshot, token_error
+from .losses import Objective
 from .masks import check_layer, expected_fraction
 from .models import context_length
 from .reconstruct import Point, UnitRecord, Window, build_units, collect, fit
@@ -98,13 +100,17 @@ class PruneReport:
     recon: dict = field(default_factory=dict)  # resolved reconstruction settings
     units: list[UnitRecord] = field(default_factory=list)  # one record per reconstructed unit
     heldout_windows: int = 0
+    guard: GuardReport | None = None  # the reconstruction guard's measurements and verdict
 
     def error_summary(self) -> dict[str, float | None]:
         """Mean normalised error over units, before and after reconstruction, calibration and held-out."""
         out: dict[str, float | None] = {}
-        for key in ("calib_before", "calib_after", "heldout_before", "heldout_after"):
+        for key in ("calib_before", "calib_after", "heldout_before", "heldout_after", "calib_token_before",
+                    "calib_token_after", "heldout_token_before", "heldout_token_after"):
             vals = [getattr(u, key) for u in self.units if getattr(u, key) is not None]
             out[key] = sum(vals) / len(vals) if vals else None
+        shares = [u.first_token_share for u in self.units if u.first_token_share is not None]
+        out["first_token_share_max"] = max(shares) if shares else None
         return out
 
     def to_dict(self) -> dict:
@@ -233,7 +239,11 @@ def prune(
     report.heldout_windows = n_held
 
     t_prune = time.perf_counter()
-    needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global")
+    guarded = rc.trains and rc.guard != "off" and n_held > 0
+    if rc.trains and rc.guard != "off" and n_held == 0:
+        report.notes.append("the reconstruction guard is off: it needs held-out calibration windows (--holdout > 0)")
+    # the guard compares each window's output with the dense model's at the same point
+    needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global" or guarded)
     # streams kept at once: sparse, dense, a unit's inputs and targets (when reconstructing); files
     # of memory-mapped streams go when the allocator is closed below or garbage-collected
     streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1)
@@ -254,6 +264,14 @@ def prune(
     recon_s = 0.0
     plan = windows(len(blocks), rc.window, rc.stride)
     start = 0
+    guard = GuardReport(rc.guard) if guarded else None
+    lr_states: dict[int, dict[str, torch.Tensor]] = {}  # masks-only weights of each pruned block (guard)
+    e2e = None
+    if guarded:  # the dense reference, before any block changes (on resume, model is still the original)
+        t = time.perf_counter()
+        e2e = EndToEnd(model, calib_ids[held_rows], bs, device)
+        guard.seconds += time.perf_counter() - t
+    objective = Objective(rc.loss, rc.loss_skip, _readout(model, device) if rc.loss == "kd" and rc.trains else None)
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:  # resume: finished blocks from the checkpoint, dense copies from the original
         start, pos = state["window"] + 1, state["pos"]
@@ -270,6 +288,9 @@ def prune(
         report.per_layer, report.notes = saved["per_layer"], saved["notes"]
         report.units = [UnitRecord(**u) for u in saved["units"]]
         recon_s = saved["recon_s"]
+        if guard is not None:
+            guard.windows = list(saved.get("guard_windows", []))
+            guard.seconds += saved.get("guard_s", 0.0)
         log.info("resuming after window %d of %d", start, len(plan))
     desc = f"pruning ({settings.method}{', ' + rc.recon if rc.trains else ''})"
     bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=start)
@@ -319,6 +340,12 @@ def prune(
         if rc.trains or rc.measures:  # reconstruct the window's units
             t = time.perf_counter()
             dwin = Window([dense[j] for j in idx], idx, captured, device)
+            if guard is not None:  # the window's masks-only weights and their held-out error
+                tg = time.perf_counter()
+                snap = {j: snapshot(blocks[j]) for j in idx}
+                reference = collect(dwin, dense_stream, Point(dwin.blocks[-1], post=True), held_rows, bs)
+                err_lr = token_error(collect(win, sparse, Point(win.blocks[-1], post=True), held_rows, bs), reference)
+                guard.seconds += time.perf_counter() - tg
             window_masks = {k: v for j in idx for k, v in masks[j].items()}
             for unit, dunit in zip(
                 build_units(layout, win, rc.granularity, prefix), build_units(layout, dwin, rc.granularity, prefix)
@@ -334,12 +361,29 @@ def prune(
                 record = fit(
                     unit, window_masks, inputs, targets, train_rows, held_rows,
                     rc,
-                    bs, device, config.calib.seed * 100_003 + lo,
+                    bs, device, config.calib.seed * 100_003 + lo, objective,
                 )
                 report.units.append(record)
                 if record.note:
                     report.notes.append(record.note)
                 del inputs, targets
+            if guard is not None:  # the window's verdict: reconstructed vs masks-only, per token
+                tg = time.perf_counter()
+                err_rec = token_error(collect(win, sparse, Point(win.blocks[-1], post=True), held_rows, bs), reference)
+                worse = not err_rec <= err_lr
+                if worse and rc.guard == "revert":
+                    for j in idx:
+                        restore(blocks[j], snap[j])
+                if worse:
+                    log.warning(
+                        "guard: window %s is worse than masks-only on held-out per-token error (%.4g vs %.4g)%s",
+                        idx, err_rec, err_lr, "; reverted" if rc.guard == "revert" else "",
+                    )
+                guard.windows.append({"window": k, "blocks": idx, "lr": err_lr, "recon": err_rec, "worse": worse,
+                                      "reverted": worse and rc.guard == "revert"})
+                lr_states.update(snap)
+                del reference, snap
+                guard.seconds += time.perf_counter() - tg
             recon_s += time.perf_counter() - t
         for j in idx:  # verify every linear of the window, after any reconstruction
             for name, linear in layout.block_linears(j).items():
@@ -356,13 +400,21 @@ def prune(
             checkpoint.save(
                 k, pos, {j: blocks[j] for j in idx}, {"sparse": sparse, "dense": dense_stream}, masks,
                 {"per_layer": report.per_layer, "notes": report.notes, "units": [asdict(u) for u in report.units],
-                 "recon_s": recon_s},
+                 "recon_s": recon_s, "guard_windows": guard.windows if guard else [],
+                 "guard_s": guard.seconds if guard else 0.0},
             )
         bar.update(1)
         if on_window is not None:
             on_window(k)
     bar.close()
     streams.close()
+    if guard is not None:
+        t = time.perf_counter()
+        _end_to_end(model, blocks, lr_states, e2e, guard, rc.guard)
+        guard.seconds += time.perf_counter() - t
+        report.guard = guard
+        report.timing["guard_s"] = guard.seconds
+        (log.info if not guard.end_to_end.get("worse") else log.warning)("%s", guard.summary)
     report.timing["prune_s"] = time.perf_counter() - t_prune
     if rc.trains or rc.measures:
         report.timing["recon_s"] = recon_s
@@ -373,6 +425,34 @@ def prune(
     if getattr(criterion, "dampings", None) and max(criterion.dampings) > settings.percdamp:
         report.notes.append(f"SparseGPT raised damping to {max(criterion.dampings):g} for some layers")
     return model, report
+
+
+def _readout(model: nn.Module, device: torch.device) -> Readout:
+    """The final norm and LM head on ``device``, frozen (the kd objective reads through them)."""
+    readout = Readout(model).to(device)
+    for p in readout.parameters():
+        p.requires_grad_(False)
+    return readout
+
+
+def _end_to_end(
+    model: nn.Module, blocks: nn.ModuleList, lr_states: dict[int, dict[str, torch.Tensor]], e2e: EndToEnd,
+    guard: GuardReport, mode: str,
+) -> None:
+    """Compare the reconstructed model with its masks-only weights end to end; revert the run if it is worse."""
+    final = e2e.measure(model)
+    if len(lr_states) < len(blocks):
+        guard.conclude(final, None, False, "the run was resumed, so the masks-only weights of earlier blocks are not at hand")
+        return
+    kept = {j: snapshot(blocks[j]) for j in lr_states}
+    for j, state in lr_states.items():
+        restore(blocks[j], state)
+    lr = e2e.measure(model)
+    worse = not final.kl <= lr.kl
+    if not (worse and mode == "revert"):
+        for j, state in kept.items():
+            restore(blocks[j], state)
+    guard.conclude(final, lr, worse and mode == "revert", None)
 
 
 def _numel(model: nn.Module, name: str) -> int:

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from .capture import Captured, run_block, to_device
 from .config import ReconConfig
 from .families import Conv1D, Layout, is_linear, weight_matrix
+from .losses import ErrorSums, Objective
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,13 @@ def _oriented(linear: nn.Module, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class UnitRecord:
-    """What reconstruction did to one unit: normalised errors before/after, the loss curve."""
+    """What reconstruction did to one unit: errors before/after, the loss curve.
+
+    ``*_before``/``*_after`` are the aggregate normalised error ``sum ||t-y||^2 / sum ||t||^2``;
+    ``*_token_*`` the mean per-token normalised error, where every token weighs the same (see
+    :mod:`prunekit.losses`); ``first_token_share`` the first position's share of the targets'
+    squared norm on the held-out windows (an attention sink that dominates plain MSE).
+    """
 
     unit: str
     calib_before: float
@@ -251,12 +258,33 @@ class UnitRecord:
     heldout_before: float | None
     heldout_after: float | None
     loss_curve: list[float] = field(default_factory=list)  # mean training loss per epoch
-    heldout_curve: list[float] = field(default_factory=list)  # held-out error after each epoch
+    heldout_curve: list[float] = field(default_factory=list)  # held-out criterion after each epoch
     steps: int = 0
     seconds: float = 0.0
     flops: float = 0.0
     best_epoch: int | None = None
     note: str | None = None
+    loss: str = "mse"
+    calib_token_before: float | None = None
+    calib_token_after: float | None = None
+    heldout_token_before: float | None = None
+    heldout_token_after: float | None = None
+    first_token_share: float | None = None
+
+
+def measure(
+    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+    rows: torch.Tensor, batch_size: int, device: torch.device, objective: Objective | None = None,
+) -> ErrorSums | None:
+    """The error measures of ``forward`` against ``targets`` over ``rows`` (None when there are none)."""
+    if len(rows) == 0:
+        return None
+    sums = ErrorSums()
+    with torch.no_grad():
+        for b in range(0, len(rows), batch_size):
+            idx = rows[b : b + batch_size]
+            sums.add(forward(inputs[idx].to(device)), targets[idx].to(device), objective)
+    return sums
 
 
 def normalised_error(
@@ -264,18 +292,8 @@ def normalised_error(
     rows: torch.Tensor, batch_size: int, device: torch.device,
 ) -> float | None:
     """``sum ||t - f(x)||^2 / sum ||t||^2`` over ``rows``."""
-    if len(rows) == 0:
-        return None
-    num = 0.0
-    den = 0.0
-    with torch.no_grad():
-        for b in range(0, len(rows), batch_size):
-            idx = rows[b : b + batch_size]
-            t = targets[idx].to(device).float()
-            y = forward(inputs[idx].to(device)).float()
-            num += float(((y - t) ** 2).sum())
-            den += float((t**2).sum())
-    return num / max(den, 1e-30)
+    sums = measure(forward, inputs, targets, rows, batch_size, device)
+    return None if sums is None else sums.aggregate
 
 
 def _unit_flops(unit: Unit, tokens: int) -> float:
@@ -298,42 +316,58 @@ def fit(
     batch_size: int,
     device: torch.device,
     seed: int,
+    objective: Objective | None = None,
 ) -> UnitRecord:
     """Adapt the unit's kept weights so ``unit(inputs) ≈ targets``; masks stay fixed.
 
     AdamW (betas 0.9/0.95, no weight decay), linear decay to zero, shuffled batches drawn with
-    ``seed`` (Rethinking paper, Appendix A). A non-finite loss, or a held-out error that ends worse
-    than before, restores the weights the unit had before reconstruction and says so in the record.
+    ``seed`` (Rethinking paper, Appendix A), minimising ``objective`` (default: plain MSE). A
+    non-finite loss, or a held-out criterion that ends worse than before, restores the weights the
+    unit had before reconstruction and says so in the record.
     """
-    err = lambda rows: normalised_error(unit.forward, inputs, targets, rows, batch_size, device)  # noqa: E731
-    record = UnitRecord(unit.name, err(train_rows) or 0.0, 0.0, err(heldout_rows), None)
+    objective = objective or Objective("mse")
+    m = lambda rows: measure(unit.forward, inputs, targets, rows, batch_size, device, objective)  # noqa: E731
+    train0, held0 = m(train_rows), m(heldout_rows)
+    record = UnitRecord(
+        unit.name, train0.aggregate if train0 else 0.0, 0.0, held0.aggregate if held0 else None, None, loss=objective.kind,
+        calib_token_before=train0.token if train0 else None, heldout_token_before=held0.token if held0 else None,
+        first_token_share=held0.first_token_share if held0 else None,
+    )
     if not cfg.trains:  # nothing to fit (LR): the errors are measured once
         record.calib_after, record.heldout_after = record.calib_before, record.heldout_before
+        record.calib_token_after, record.heldout_token_after = record.calib_token_before, record.heldout_token_before
         return record
-    before = {id(m): copy.deepcopy(m.state_dict()) for m in unit.modules}
+    crit_before = held0.criterion(objective) if held0 else None
+    before = {id(mod): copy.deepcopy(mod.state_dict()) for mod in unit.modules}
     t0 = time.perf_counter()
     diverged = False
+    criterion = lambda rows: (lambda s: None if s is None else s.criterion(objective))(m(rows))  # noqa: E731
     if cfg.solver == "lstsq":
         _lstsq(unit, masks, inputs, targets, train_rows, batch_size, device)
     elif cfg.epochs:
         step_batch = cfg.recon_batch_size or batch_size
-        diverged = _adam(unit, masks, inputs, targets, train_rows, heldout_rows, cfg, step_batch, device, seed, record, err)
+        diverged = _adam(
+            unit, masks, inputs, targets, train_rows, heldout_rows, cfg, step_batch, device, seed, record,
+            criterion, crit_before, objective,
+        )
     record.seconds = time.perf_counter() - t0
-    record.calib_after = err(train_rows) or 0.0
-    record.heldout_after = err(heldout_rows)
-    worse = (
-        record.heldout_after is not None and record.heldout_before is not None
-        and not record.heldout_after <= record.heldout_before
-    )
+    train1, held1 = m(train_rows), m(heldout_rows)
+    record.calib_after = train1.aggregate if train1 else 0.0
+    record.calib_token_after = train1.token if train1 else None
+    record.heldout_after = held1.aggregate if held1 else None
+    record.heldout_token_after = held1.token if held1 else None
+    crit_after = held1.criterion(objective) if held1 else None
+    worse = crit_after is not None and crit_before is not None and not crit_after <= crit_before
     if diverged or worse or not math.isfinite(record.calib_after):
-        for m in unit.modules:
-            m.load_state_dict(before[id(m)])
+        for mod in unit.modules:
+            mod.load_state_dict(before[id(mod)])
         why = "the loss became NaN or inf" if diverged or not math.isfinite(record.calib_after) else (
-            f"the held-out error rose from {record.heldout_before:.4g} to {record.heldout_after:.4g}"
+            f"the held-out {objective.kind} criterion rose from {crit_before:.4g} to {crit_after:.4g}"
         )
         record.note = f"{unit.name}: {why}; kept the weights from before reconstruction"
         log.warning("%s", record.note)
         record.calib_after, record.heldout_after = record.calib_before, record.heldout_before
+        record.calib_token_after, record.heldout_token_after = record.calib_token_before, record.heldout_token_before
     return record
 
 
@@ -377,7 +411,8 @@ def _adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer
 def _adam(
     unit: Unit, masks: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
     train_rows: torch.Tensor, heldout_rows: torch.Tensor, cfg: ReconConfig, batch_size: int,
-    device: torch.device, seed: int, record: UnitRecord, err: Callable[[torch.Tensor], float | None],
+    device: torch.device, seed: int, record: UnitRecord, criterion: Callable[[torch.Tensor], float | None],
+    crit_before: float | None, objective: Objective,
 ) -> bool:
     """Gradient descent on the unit; returns True when the loss stopped being finite."""
     lin_items = list(unit.linears.items())
@@ -410,7 +445,7 @@ def _adam(
         opt = _adamw(params, cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
         gen = torch.Generator().manual_seed(seed)
-        best = (record.heldout_before, None, None)
+        best = (crit_before, None, None)
         stale = 0
         tokens = int(inputs.shape[1]) if inputs.dim() > 2 else 1
         for epoch in range(cfg.epochs):
@@ -421,7 +456,7 @@ def _adam(
                     idx = order[b : b + batch_size]
                     x = inputs[idx].to(device, torch.float32)
                     t = targets[idx].to(device, torch.float32)
-                    loss = torch.nn.functional.mse_loss(unit.forward(x), t)
+                    loss = objective.loss(unit.forward(x), t)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
                     opt.zero_grad(set_to_none=True)
@@ -433,7 +468,7 @@ def _adam(
                     record.flops += _unit_flops(unit, len(idx) * tokens)
             record.loss_curve.append(sum(losses) / len(losses))
             if len(heldout_rows):
-                h = err(heldout_rows)
+                h = criterion(heldout_rows)
                 record.flops += _unit_flops(unit, len(heldout_rows) * tokens) / 3  # forward only
                 record.heldout_curve.append(h)  # type: ignore[arg-type]
                 if best[0] is None or h < best[0]:  # type: ignore[operator]

@@ -25,6 +25,9 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"time       prune {_fmt_s(t.get('prune_s'))}, eval {_fmt_s(t.get('eval_s'))}, total {_fmt_s(t.get('total_s'))}; "
         f"peak memory {metrics['peak_rss_mb']:.0f} MB"
     )
+    guard = metrics.get("reconstruction", {}).get("guard")
+    if guard and guard.get("summary"):
+        lines.append(guard["summary"])
     return lines
 
 
@@ -75,15 +78,32 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             f"window {r['window']} / stride {r['stride']}, {r['epochs']} epochs, lr {r['lr']}, "
             f"step batch {r.get('recon_batch_size') or 'as --batch-size'}, solver {r['solver']}"
             + (f", LoRA rank {r['lora_rank']}" if r["lora_rank"] else "")
+            + f"; loss {r.get('loss', 'mse')}"
+            + (f" without the first {r['loss_skip']} positions" if r.get("loss_skip") else "")
             + f"; {rec['heldout_windows']} calibration windows held out.",
             "",
-            "Mean normalised error ‖y_dense − y_sparse‖² / ‖y_dense‖² over units:",
+            "Mean over units of the normalised error ‖y_dense − y_sparse‖² / ‖y_dense‖² (aggregate) and of "
+            "the per-token normalised error (every token weighs the same):",
             "",
-            "| data | before | after |",
-            "|---|---|---|",
-            f"| calibration | {fmt(e['calib_before'])} | {fmt(e['calib_after'])} |",
-            f"| held-out | {fmt(e['heldout_before'])} | {fmt(e['heldout_after'])} |",
+            "| data | aggregate before | aggregate after | per-token before | per-token after |",
+            "|---|---|---|---|---|",
+            f"| calibration | {fmt(e['calib_before'])} | {fmt(e['calib_after'])} | "
+            f"{fmt(e.get('calib_token_before'))} | {fmt(e.get('calib_token_after'))} |",
+            f"| held-out | {fmt(e['heldout_before'])} | {fmt(e['heldout_after'])} | "
+            f"{fmt(e.get('heldout_token_before'))} | {fmt(e.get('heldout_token_after'))} |",
         ]
+        if e.get("first_token_share_max") is not None:
+            out.append(
+                f"\nThe first position holds up to {e['first_token_share_max']:.0%} of a unit's target squared norm "
+                "(held-out windows): that much of a plain MSE is spent on one token."
+            )
+        guard = rec.get("guard")
+        if guard:
+            out += ["", "### Guard", "", guard["summary"] + f" (guard time {guard['seconds']:.1f} s)."]
+            worse = [w for w in guard["windows"] if w["worse"]]
+            if worse:
+                out += ["", "| window (blocks) | per-token error masks-only | reconstructed | reverted |", "|---|---|---|---|"]
+                out += [f"| {w['blocks']} | {w['lr']:.4f} | {w['recon']:.4f} | {w['reverted']} |" for w in worse]
         if "throughput" in rec:
             t = rec["throughput"]
             out.append(
@@ -133,15 +153,30 @@ def plot_unit_errors(units: list, path) -> bool:
     """Per-unit normalised error before/after reconstruction (calibration and held-out) as a PNG."""
     xs = list(range(len(units)))
     lines = []
-    for key, fmt in (("calib_before", "C0--"), ("calib_after", "C0-"), ("heldout_before", "C1--"), ("heldout_after", "C1-")):
+    for key, fmt in (
+        ("calib_before", "C0--"), ("calib_after", "C0-"), ("heldout_before", "C1--"), ("heldout_after", "C1-"),
+        ("heldout_token_before", "C2--"), ("heldout_token_after", "C2-"),
+    ):
         ys = [getattr(u, key) if getattr(u, key) is not None else float("nan") for u in units]
         lines.append((key.replace("_", " "), xs, ys, fmt))
     return _line_plot(lines, path, "unit (forward order)", "normalised error")
 
 
-def plot_block_errors(runs: dict[str, list[float]], path, subtitle: str = "") -> bool:
-    """Normalised error at each block's output, one line per run (the Rethinking paper's Figure 3)."""
-    lines = [(name, list(range(len(errs))), errs, ".-") for name, errs in runs.items()]
+def plot_block_errors(runs: dict[str, Any], path, subtitle: str = "") -> bool:
+    """Error at each block's output, one colour per run (the Rethinking paper's Figure 3).
+
+    ``runs`` maps a name to a list of aggregate errors, or to :func:`prunekit.evaluate.block_errors`'
+    dict: then the aggregate is drawn solid and the per-token error (every token weighs the same)
+    dashed, so a model whose aggregate falls while every ordinary token gets worse shows it.
+    """
+    lines = []
+    for i, (name, errs) in enumerate(runs.items()):
+        if isinstance(errs, dict):
+            xs = list(range(len(errs["aggregate"])))
+            lines.append((f"{name} aggregate", xs, errs["aggregate"], f"C{i % 10}.-"))
+            lines.append((f"{name} per-token", xs, errs["token"], f"C{i % 10}x--"))
+        else:
+            lines.append((name, list(range(len(errs))), errs, f"C{i % 10}.-"))
     return _line_plot(lines, path, "block", "normalised error vs dense (global propagation)", subtitle)
 
 

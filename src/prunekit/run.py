@@ -124,6 +124,7 @@ def reconstruction_metrics(report, device: torch.device) -> dict[str, Any]:
         "settings": report.recon,
         "heldout_windows": report.heldout_windows,
         "error": report.error_summary(),
+        "guard": report.guard.to_dict() if report.guard is not None else None,
         "units": [asdict(u) for u in report.units],
     }
     if flops:
@@ -131,6 +132,22 @@ def reconstruction_metrics(report, device: torch.device) -> dict[str, Any]:
         peak = matmul_gflops(device)
         out["throughput"] = {"train_gflops": achieved, "matmul_gflops": peak, "fraction": achieved / peak}
     return out
+
+
+def coverage_notes(calib_seqlen: int, results: list[Perplexity]) -> list[str]:
+    """Say when perplexity is measured at positions that reconstruction never saw.
+
+    Reconstruction fits the blocks on calibration windows of ``calib_seqlen`` tokens; positions past
+    that were never in a loss, and on some models reconstruction helps there least or hurts (issue 10:
+    positions 256-511 of a Gemma-3-style model went from perplexity 77 to 559).
+    """
+    longer = sorted({r.seqlen for r in results if r.seqlen > calib_seqlen})
+    if not longer:
+        return []
+    return [
+        f"calibration windows are {calib_seqlen} tokens but perplexity is measured at {', '.join(map(str, longer))}: "
+        "positions beyond the calibration length were not reconstructed on; calibrate at the evaluation length to cover them"
+    ]
 
 
 def settings_fingerprint(cfg: RunConfig) -> str:
@@ -185,6 +202,8 @@ def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         zeroshot = run_zeroshot(model, tokenizer, cfg.eval, cfg.prune.calib.data_dir, device) if cfg.eval.eval_tasks else None
         eval_s = time.perf_counter() - t
         notes = list(report.notes) + [s.note for s in sets if s.note]
+        if report.units:
+            notes += coverage_notes(report.seqlen, results)
         settings = {
             "model": cfg.model.model,
             "dtype": cfg.model.dtype,
