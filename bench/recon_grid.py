@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,19 @@ def write_json(dest: Path, data: Any) -> None:
     tmp.replace(dest)
 
 
+def context_perplexity(model_dir: Path, seqlens: list[int], p: dict, data_dir: str) -> dict[str, Any]:
+    """WikiText-2 perplexity of the saved model at several window lengths (the first ``eval_windows`` each)."""
+    from prunekit.evaluate import perplexity
+    from prunekit.models import load_model
+
+    model, tok = load_model(str(model_dir), "float32")
+    out = {}
+    for seqlen in seqlens:
+        r = perplexity(model, tok, "wikitext2", seqlen=seqlen, windows=p["eval_windows"], batch_size=4, data_dir=data_dir)
+        out[str(seqlen)] = {"ppl": r.ppl, "windows": r.windows, "seconds": r.seconds}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -83,6 +97,9 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="override the paper's lr 2e-4 (an extra run, named -lrVALUE)")
     ap.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (an extra run, named -epochsN)")
+    ap.add_argument("--loss", default="mse", help="reconstruction loss (the protocols' runs: mse; others are named -lossNAME)")
+    ap.add_argument("--guard", default="off", help="reconstruction guard (the protocols' runs: off; others are named -guardMODE)")
+    ap.add_argument("--contexts", default="", help="also WikiText-2 perplexity at these window lengths, e.g. 256+1024 (issue 10; named -ctxLIST)")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     ap.add_argument("--print-name", action="store_true", help="print the run's result name and stop (for run_recon_grid.sh)")
     a = ap.parse_args()
@@ -98,6 +115,12 @@ def main() -> None:
     if a.epochs is not None:
         p["epochs"] = a.epochs
         name += f"-epochs{a.epochs}"
+    if a.loss != "mse":
+        name += f"-loss{a.loss}"
+    if a.guard != "off":
+        name += f"-guard{a.guard}"
+    if a.contexts:
+        name += f"-ctx{a.contexts.replace(',', '+')}"
     if a.print_name:
         print(name)
         return
@@ -117,6 +140,7 @@ def main() -> None:
         r.epochs = p["epochs"]
     if a.lr is not None:
         r.lr = a.lr
+    r.loss, r.guard = a.loss, a.guard
     cfg.eval.eval, cfg.eval.eval_seqlen, cfg.eval.eval_windows, cfg.eval.eval_batch_size = (
         "wikitext2,c4", p["eval_seqlen"], p["eval_windows"], 8,
     )
@@ -131,6 +155,8 @@ def main() -> None:
         "protocol": {"name": a.protocol, **p, "calib": a.calib, "holdout": 0.1, "lr": r.lr},
         **metrics,
     }
+    if a.contexts:
+        result["perplexity_by_seqlen"] = context_perplexity(work, [int(x) for x in re.split("[,+]", a.contexts)], p, a.data_dir)
     write_json(out / f"{name}.json", result)
     plotted = criterion == "wanda" and name == a.run and preset in ("lr", "br", "br-gp", "br-gp-cr")
     if os.environ.get("PRUNEKIT_BENCH_KEEP_MODELS") != "1" and not plotted:
