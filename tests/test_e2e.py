@@ -96,6 +96,12 @@ def test_cli_main_job_end_to_end(tmp_path, data_dir):
     rec = metrics["reconstruction"]  # the main job reconstructs with the "quick" preset (BR+GP+CR, 1 epoch)
     assert rec["settings"]["recon"] == "quick" and len(rec["units"]) == 31  # windows [0], [0,1], ..., [28,29], [29]
     assert all(u["steps"] == 3 for u in rec["units"])  # 3 training windows of 4, batch 1
+    # the guard (issue 10): verdicts per window and end to end, in metrics, report and the printed summary
+    guard = rec["guard"]
+    assert guard["mode"] == "revert" and len(guard["windows"]) == 31 and guard["end_to_end"]["compared"]
+    assert guard["summary"] in res.stderr and "### Guard" in (out / "report.md").read_text()
+    assert rec["settings"]["loss"] == "token-mse" and all(u["loss"] == "token-mse" for u in rec["units"])
+    assert any("calibration windows are 64 tokens but perplexity is measured at 128" in n for n in metrics["notes"])
     assert metrics["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
     assert len(metrics["sparsity"]["per_layer"]) == 210
     assert 1.0 < metrics["perplexity"]["wikitext2"] < 1e5
