@@ -103,6 +103,16 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     ap.add_argument("--print-name", action="store_true", help="print the run's result name and stop (for run_recon_grid.sh)")
     a = ap.parse_args()
+    if a.run == "dense":  # the dense model at the extra window lengths (issue 10)
+        p = PROTOCOLS[a.protocol]
+        name = f"dense-ctx{a.contexts.replace(',', '+')}"
+        if a.print_name:
+            print(name)
+            return
+        here = Path(__file__).parent
+        ctx = context_perplexity(dense_copy(here / "work"), [int(x) for x in re.split("[,+]", a.contexts)], p, a.data_dir)
+        write_json(here / "results" / a.protocol / f"{name}.json", {"run": name, "perplexity_by_seqlen": ctx})
+        return
     criterion, _, preset = a.run.partition("-")
     if criterion not in CRITERIA or preset not in PRESETS:
         raise SystemExit(f"RUN must be CRITERION-PRESET with CRITERION in {CRITERIA} and PRESET in {tuple(PRESETS)}")

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 C=--contexts=256+1024
 G=--guard=revert
 export PROTOCOL=cpu-recon-v2
-export RUNS=${RUNS:-"wanda-br-gp:--loss=token-mse,$G,$C wanda-br-gp:--loss=mse,$G,$C wanda-lr:$C \
+export RUNS=${RUNS:-"dense:$C wanda-br-gp:--loss=token-mse,$G,$C wanda-br-gp:--loss=mse,$G,$C wanda-lr:$C \
 sparsegpt-br-gp:--loss=token-mse,$G,$C wanda-br-gp:--loss=cosine,$G,$C wanda-br-gp:--loss=kd,$G,$C \
 sparsegpt-lr:$C sparsegpt-br-gp:--loss=mse,$G,$C \
 wanda-br-gp:--loss=token-mse,$G,$C,--lr=0.001,--epochs=4 wanda-br-gp-cr:--loss=token-mse,$G,$C \

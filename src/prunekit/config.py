@@ -123,6 +123,9 @@ class SparsityConfig:
     scope: str = "auto"  # comparison group for magnitude/wanda: row | layer; auto = each method's published choice
     blocksize: int = 128  # SparseGPT column block (Frantar & Alistarh 2023)
     percdamp: float = 0.01  # SparseGPT dampening, fraction of mean(diag H) (Frantar & Alistarh 2023)
+    owl: bool = False  # non-uniform block sparsity from activation outliers (OWL, Yin et al. 2023)
+    owl_m: float = 5.0  # OWL outlier threshold: scores above M x their block's mean (the paper's M)
+    owl_lambda: float = 0.08  # OWL range: block sparsities within target +- lambda (the paper's lambda)
 
     def validate(self) -> Sparsity:
         if self.method not in METHODS:
@@ -133,7 +136,18 @@ class SparsityConfig:
             raise PrunekitError("blocksize must be at least 1")
         if self.percdamp <= 0:
             raise PrunekitError(f"percdamp is {self.percdamp}; SparseGPT needs a positive dampening such as 0.01")
-        return parse_sparsity(self.sparsity)
+        sp = parse_sparsity(self.sparsity)
+        if self.owl:
+            if sp.is_nm:
+                raise PrunekitError("--owl needs unstructured sparsity (N:M fixes every row's share); drop --owl or use e.g. --sparsity 0.7")
+            if self.owl_m <= 0:
+                raise PrunekitError(f"owl-m is {self.owl_m}; the outlier threshold must be positive (the paper's 5)")
+            if not (0 <= self.owl_lambda < min(sp.fraction, 1 - sp.fraction) or self.owl_lambda == 0):
+                raise PrunekitError(
+                    f"owl-lambda {self.owl_lambda} must be at least 0 and below {min(sp.fraction, 1 - sp.fraction):g} "
+                    f"at sparsity {sp.fraction:g}, so every block's sparsity stays in [0, 1)"
+                )
+        return sp
 
     def resolved_scope(self) -> str:
         """Magnitude compares weights per layer (the baseline in the Wanda and SparseGPT papers);

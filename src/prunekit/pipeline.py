@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer
 from .capture import Captured, capture, propagate, run_block, to_device
-from .config import CalibConfig, PruneConfig, ReconConfig
+from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity
 from .criteria import InputStats, make_criterion
 from .data import documents, sample_windows
 from .errors import PrunekitError
@@ -43,6 +43,7 @@ from .guard import EndToEnd, GuardReport, restore, snapshot, token_error
 from .losses import Objective
 from .masks import check_layer, expected_fraction
 from .models import context_length
+from .owl import OwlResult, block_outlier_ratio, owl_sparsities
 from .reconstruct import Point, UnitRecord, Window, build_units, collect, fit
 from .selfgen import self_calibration
 from .streams import StreamAllocator
@@ -101,6 +102,7 @@ class PruneReport:
     units: list[UnitRecord] = field(default_factory=list)  # one record per reconstructed unit
     heldout_windows: int = 0
     guard: GuardReport | None = None  # the reconstruction guard's measurements and verdict
+    owl: OwlResult | None = None  # OWL's outlier ratios and block sparsities
 
     def error_summary(self) -> dict[str, float | None]:
         """Mean normalised error over units, before and after reconstruction, calibration and held-out."""
@@ -217,7 +219,7 @@ def prune(
         recon={k: v for k, v in vars(rc).items()},
     )
     model.eval()
-    needs_streams = criterion.needs_inputs or rc.trains or rc.measures
+    needs_streams = criterion.needs_inputs or rc.trains or rc.measures or settings.owl
     if needs_streams:
         t = time.perf_counter()
         if calib_ids is None and checkpoint is not None:
@@ -264,6 +266,15 @@ def prune(
     recon_s = 0.0
     plan = windows(len(blocks), rc.window, rc.stride)
     start = 0
+    block_sparsity = [sparsity] * len(blocks)
+    if settings.owl:  # dense pre-pass: block outlier ratios, then block sparsities (Yin et al. 2023)
+        t = time.perf_counter()
+        ratios = _outlier_ratios(layout, captured, sparse, train_rows, bs, device, settings.owl_m, streams)
+        sizes = [sum(weight_matrix(m).numel() for m in layout.block_linears(j).values()) for j in range(len(blocks))]
+        fractions = owl_sparsities(ratios, sizes, sparsity.fraction, settings.owl_lambda)
+        block_sparsity = [Sparsity(fraction=f) for f in fractions]
+        report.owl = OwlResult(settings.owl_m, settings.owl_lambda, ratios, fractions)
+        report.timing["owl_s"] = time.perf_counter() - t
     guard = GuardReport(rc.guard) if guarded else None
     lr_states: dict[int, dict[str, torch.Tensor]] = {}  # masks-only weights of each pruned block (guard)
     e2e = None
@@ -330,6 +341,7 @@ def prune(
                     lambda rows, j=j: captured.kwargs_for(j, rows), bs, device, criterion.needs_hessian,
                 )
             masks[j] = {}
+            criterion.sparsity = block_sparsity[j]
             for group in layout.input_groups(j):  # linears sharing an input are pruned together
                 ws = [weight_matrix(linears[name]) for name in group]
                 for name, w, (new, mask) in zip(group, ws, criterion.prune_group(ws, stats.get(group[0]))):
@@ -391,7 +403,8 @@ def prune(
                 w = weight_matrix(linear)
                 mask = masks[j][full].to(w.device)
                 report.per_layer[full] = check_layer(
-                    full, w, mask, sparsity, expected_fraction(tuple(w.shape), sparsity, criterion.expected_scope())
+                    full, w, mask, block_sparsity[j],
+                    expected_fraction(tuple(w.shape), block_sparsity[j], criterion.expected_scope()),
                 )
             blocks[j].to("cpu")
             if j in dense:
@@ -425,6 +438,33 @@ def prune(
     if getattr(criterion, "dampings", None) and max(criterion.dampings) > settings.percdamp:
         report.notes.append(f"SparseGPT raised damping to {max(criterion.dampings):g} for some layers")
     return model, report
+
+
+@torch.no_grad()
+def _outlier_ratios(
+    layout, captured: Captured, block0_inputs: torch.Tensor, rows: torch.Tensor, batch_size: int,
+    device: torch.device, m: float, streams: StreamAllocator,
+) -> list[float]:
+    """Each block's OWL outlier ratio on the dense model's own activations (one pass over the blocks)."""
+    stream = streams.like(block0_inputs)
+    stream.copy_(block0_inputs)
+    ratios = []
+    for j, block in enumerate(layout.blocks):
+        block.to(device)
+        linears = layout.block_linears(j)
+        stats = collect_stats(
+            block, layout.input_groups(j), linears, stream[: rows.numel()], lambda r, j=j: captured.kwargs_for(j, r),
+            batch_size, device, False,
+        )
+        ratios.append(block_outlier_ratio(
+            [weight_matrix(lin) for lin in linears.values()], [stats[name].sq_norms for name in linears], m,
+        ))
+        for acc in set(stats.values()):
+            acc.free()
+        propagate(block, j, captured, stream, device)
+        block.to("cpu")
+    del stream
+    return ratios
 
 
 def _readout(model: nn.Module, device: torch.device) -> Readout:

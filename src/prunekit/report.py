@@ -58,6 +58,13 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     out.append(f"| sparsity of pruned linears | {sp['overall']:.4f} ({sp['pruned_params']:,} weights) |")
     if per_layer:
         out.append(f"| per-layer sparsity min / max | {min(per_layer.values()):.4f} / {max(per_layer.values()):.4f} |")
+    owl = sp.get("owl")
+    if owl:
+        out.append(
+            f"| OWL (M {owl['m']:g}, lambda {owl['lam']:g}) block sparsities | "
+            + ", ".join(f"{f:.3f}" for f in owl["sparsities"]) + " |"
+        )
+        out.append("| OWL block outlier ratios | " + ", ".join(f"{r:.4f}" for r in owl["ratios"]) + " |")
     for key, value in metrics["timing"].items():
         out.append(f"| {key.replace('_s', '')} time | {value:.1f} s |")
     out.append(f"| peak memory (RSS) | {metrics['peak_rss_mb']:.0f} MB |")

@@ -227,6 +227,7 @@ def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 "overall": report.overall,
                 "pruned_params": report.pruned_params,
                 "per_layer": report.per_layer,
+                **({"owl": asdict(report.owl)} if report.owl is not None else {}),
             },
             "timing": {"load_s": load_s, **report.timing, "eval_s": eval_s},
             "notes": notes,
