@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, EvalConfig, ModelConfig, RunConfig, leaf_fields, load_yaml, scalar_type, set_leaf
+from .config import (
+    PRESETS, EvalConfig, ModelConfig, RunConfig, check_device, check_eval_names, leaf_fields, load_yaml, scalar_type,
+    set_leaf,
+)
 from .errors import PrunekitError
 
 log = logging.getLogger("prunekit")
@@ -46,6 +49,8 @@ _HELP = {
     "eval_tasks": "zero-shot tasks: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa,lambada, or paper / all",
     "eval_limit": "first N items of each zero-shot task; 0 = all",
     "calib_mix": "fraction of the calibration windows written by the model itself, mixed into --calib",
+    "allow_pickle": "read pickle weights (pytorch_model.bin); unpickling can run code: only for files you trust",
+    "trust_remote_code": "run the Python code a model ships with: only for a source you trust",
 }
 
 
@@ -65,12 +70,19 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cfg: Any, only: set[st
             parser.add_argument(*flags, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
 
 
-def _apply(cfg: Any, ns: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "verbose", "resume")) -> None:
+_SKIP = ("command", "config", "verbose", "resume")
+
+
+def _apply(cfg: Any, ns: argparse.Namespace, skip: tuple[str, ...] = _SKIP) -> set[str]:
+    """Apply ``--config`` and then the flags to ``cfg``; return the names of the settings given."""
+    given: set[str] = set()
     if getattr(ns, "config", None):
-        load_yaml(ns.config, cfg)
+        given |= load_yaml(ns.config, cfg)
     for key, value in vars(ns).items():
         if key not in skip:
             set_leaf(cfg, key, value)
+            given.add(key)
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None)
     r.add_argument("--device", default="auto")
     r.add_argument("--dtype", default="float32")
+    r.add_argument("--allow-pickle", action="store_true", help="read pickle weights (pytorch_model.bin): only files you trust")
     r.add_argument("--out", required=True, help="directory for errors.json and block_errors.png")
 
     c = sub.add_parser("report", help="one Markdown and HTML page comparing run directories")
@@ -118,19 +131,21 @@ class _EvalRun:
 
 
 def _cmd_prune(ns: argparse.Namespace) -> int:
-    from .run import resume_config, run_prune
+    from .run import apply_resume_overrides, resume_config, run_prune
 
     if ns.resume:
+        if ns.config:
+            raise PrunekitError("--config cannot be combined with --resume: a resumed run keeps its own settings; drop --config")
         cfg = resume_config(ns.resume)
-        if getattr(ns, "device", None):
-            cfg.model.device = ns.device  # a resumed run may move to another device; nothing else changes
+        # a resumed run may move to another device; a flag that would change the result is refused
+        apply_resume_overrides(cfg, {k: v for k, v in vars(ns).items() if k not in _SKIP})
         run_prune(cfg, resume=True)
         return 0
     cfg = RunConfig()
-    _apply(cfg, ns)
+    given = _apply(cfg, ns)
     if not cfg.out:
         raise PrunekitError("no output directory; pass --out DIR (the pruned model, metrics and report go there)")
-    run_prune(cfg)
+    run_prune(cfg, eval_fallback="eval" not in given)
     return 0
 
 
@@ -148,12 +163,13 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     if ns.command == "eval" and "eval" not in vars(ns) and cfg.eval.eval_tasks:
         cfg.eval.eval = "none"  # `prunekit eval --tasks ...` alone: zero-shot only
     cfg.eval.validate()
+    check_eval_names(cfg.eval.datasets())
     if not cfg.eval.datasets() and not cfg.eval.eval_tasks:
         raise PrunekitError("nothing to evaluate; pass --data wikitext2 (or ptb, c4, a .txt/.jsonl file) or --tasks boolq,...")
+    device = resolve_device(cfg.model.device)
     rundir = RunDir(cfg.out, overwrite=True) if cfg.out else None
     try:
-        device = resolve_device(cfg.model.device)
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
         seqlen = effective_seqlen(model, cfg.eval.eval_seqlen)
         sets = [
             EvalSet(name, eval_windows(tokenizer(eval_text(name, cfg.data_dir))["input_ids"], seqlen, cfg.eval.eval_windows))
@@ -198,15 +214,17 @@ def _cmd_error(ns: argparse.Namespace) -> int:
 
     if ns.eval_windows < 0 or ns.eval_seqlen < 2:
         raise PrunekitError("eval-windows must be 0 or more and eval-seqlen at least 2")
+    check_device(ns.device)
+    check_eval_names([ns.data])
+    device = resolve_device(ns.device)
     rundir = RunDir(ns.out, overwrite=True)
     try:
-        device = resolve_device(ns.device)
-        dense, tokenizer = load_model(ns.dense, ns.dtype)
+        dense, tokenizer = load_model(ns.dense, ns.dtype, allow_pickle=ns.allow_pickle)
         seqlen = effective_seqlen(dense, ns.eval_seqlen)
         windows = eval_windows(tokenizer(eval_text(ns.data, ns.data_dir))["input_ids"], seqlen, ns.eval_windows)
         runs: dict[str, list[float]] = {}
         for path in ns.model:
-            pruned, _ = load_model(path, ns.dtype)
+            pruned, _ = load_model(path, ns.dtype, allow_pickle=ns.allow_pickle)
             runs[Path(path).name or path] = block_errors(dense, pruned, windows, ns.eval_batch_size, device)
             del pruned
         result = {
@@ -214,14 +232,17 @@ def _cmd_error(ns: argparse.Namespace) -> int:
             "models": ns.model, "errors": runs,
         }
         rundir.write_json("errors.json", result)
-        plot_block_errors(runs, rundir.path("block_errors.png"), f"{ns.data}, {windows.shape[0]} x {seqlen} tokens")
+        plotted = plot_block_errors(runs, rundir.path("block_errors.png"), f"{ns.data}, {windows.shape[0]} x {seqlen} tokens")
         rundir.commit()
     except BaseException:
         rundir.discard()
         raise
     for name, errs in runs.items():
         print(f"{name}: error at block 0 {errs[0]:.4f}, last block {errs[-1]:.4f}")
-    print(f"written to {ns.out}/errors.json and block_errors.png")
+    if plotted:
+        print(f"written to {ns.out}/errors.json and block_errors.png")
+    else:
+        print(f"written to {ns.out}/errors.json; block_errors.png was skipped: matplotlib is not installed (pip install matplotlib)")
     return 0
 
 
@@ -237,6 +258,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import resolve_device
+    from .rundir import check_path_length, probe_writable
     from .selfgen import self_calibration
 
     out = ns.out
@@ -246,17 +268,27 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     cfg.validate()
     c = cfg.prune.calib
     device = resolve_device(cfg.prune.device)
-    model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+    if out:  # an unwritable --out is reported now, not after the generation
+        path = Path(out).expanduser()
+        if path.is_dir():
+            raise PrunekitError(f"--out {path} is a directory; give a file name such as calib.jsonl")
+        check_path_length(path)
+        probe_writable(path.parent, "the folder of --out")
+    model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     ids = self_calibration(model, tokenizer, c.nsamples, c.seqlen, c.seed, c.gen_batch_size, device, c.cache_dir)
     print(f"{ids.shape[0]} windows of {ids.shape[1]} tokens ready (cached; `prunekit prune --calib self` with the same settings reuses them)")
     if out:
-        path = Path(out)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in ids:
-                fh.write(json.dumps({"text": tokenizer.decode(row)}) + "\n")
-        tmp.replace(path)
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                for row in ids:
+                    fh.write(json.dumps({"text": tokenizer.decode(row)}) + "\n")
+            tmp.replace(path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise PrunekitError(f"cannot write {path} ({e.strerror}); free some space or choose another --out") from None
+            raise
         print(f"texts written to {path}")
     return 0
 
@@ -278,8 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("prunekit: interrupted; an unfinished run can be continued with `prunekit prune --resume DIR`", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        resume_dir = getattr(e, "resume_dir", None)
+        if resume_dir:
+            print(f"prunekit: interrupted; continue with `prunekit prune --resume {resume_dir}`", file=sys.stderr)
+        else:
+            print("prunekit: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 
