@@ -293,6 +293,17 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _release(e: BaseException) -> None:
+    """Drop the frames of a failed command now, so that what they hold (a progress bar that redraws
+    itself when closed) is finished before the one line that ends the command."""
+    import gc
+
+    e.__traceback__ = None
+    e.__context__ = None
+    gc.collect()
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -308,9 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(ns)
     except PrunekitError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
+        _release(e)
+        message = " ".join(str(e).split("\n"))  # one line, whatever text a library put into it
+        print(f"prunekit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        _release(e)
         resume_dir = getattr(e, "resume_dir", None)
         if resume_dir:
             print(f"prunekit: interrupted; continue with `prunekit prune --resume {resume_dir}`", file=sys.stderr)

@@ -493,7 +493,7 @@ def apply_mapping(cfg: Any, data: dict[str, Any]) -> set[str]:
         if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
                 raise PrunekitError(
-                    f"section {key!r} must be a mapping of settings (e.g. {key}:\n  name: value), not {value!r}"
+                    f"section {key!r} must be a mapping of settings (e.g. `{key}: {{name: value}}`), not {value!r}"
                 )
             names |= apply_mapping(sub, value)
         else:
