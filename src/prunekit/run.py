@@ -152,6 +152,7 @@ def settings_fingerprint(cfg: RunConfig) -> str:
     for key in ("out", "overwrite"):
         d.pop(key, None)
     d["model"].pop("device", None)
+    d["model"].pop("allow_pickle", None)
     for key in ("device", "offload", "offload_dir"):
         d["prune"].pop(key, None)
     d["prune"]["calib"].pop("cache_dir", None)
@@ -161,7 +162,7 @@ def settings_fingerprint(cfg: RunConfig) -> str:
 # Settings a resumed run may change: they move the work or its scratch files, never the result.
 # Everything else (evaluation settings included: they do not change the pruned model, but they do
 # change metrics.json, and a resumed run must end as the uninterrupted one would) is refused.
-RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir")
+RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle")
 
 
 def resume_config(out: str) -> RunConfig:
