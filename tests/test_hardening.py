@@ -162,16 +162,24 @@ def test_overridden_preset_is_relabelled_from_the_resolved_settings():
     assert "br (epochs 2)" in comparison_rows([run])[1][0]
 
 
-def test_error_command_says_when_the_plot_was_skipped(model_dir, tmp_path, capsys, monkeypatch, word_text):
+def test_error_command_without_matplotlib_says_so_before_work(model_dir, tmp_path, capsys, monkeypatch, word_text):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
     out = tmp_path / "err"
     argv = ["error", "--model", str(model_dir), "--dense", str(model_dir), "--data", str(word_text),
             "--eval-seqlen", "16", "--eval-windows", "2", "--device", "cpu", "--out", str(out)]
-    assert main(argv) == 0
-    stdout = capsys.readouterr().out
-    assert "block_errors.png was skipped: matplotlib is not installed" in stdout
-    assert "and block_errors.png" not in stdout
-    assert not (out / "block_errors.png").exists() and (out / "errors.json").is_file()
+    assert main(argv) == 2
+    one_error_line(capsys, "matplotlib is not installed, so block_errors.png cannot be drawn")
+    nothing_left(tmp_path)
+
+
+def test_run_without_matplotlib_notes_the_missing_plot(model_dir, word_text, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "run"
+    assert main(tiny_args(model_dir, word_text, "--recon", "br", "--epochs", "1", "--out", str(out))) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "plots" not in metrics and any("unit_errors.png was not drawn" in n for n in metrics["notes"])
+    assert "unit_errors.png was not drawn" in (out / "report.md").read_text()
+    assert "![unit_errors.png]" not in (out / "report.md").read_text()
 
 
 def test_matplotlib_is_a_normal_dependency():

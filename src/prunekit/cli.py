@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -216,15 +217,18 @@ def _cmd_error(ns: argparse.Namespace) -> int:
         raise PrunekitError("eval-windows must be 0 or more and eval-seqlen at least 2")
     check_device(ns.device)
     check_eval_names([ns.data])
-    device = resolve_device(ns.device)
+    _require_matplotlib("block_errors.png")
+    if ns.allow_pickle:
+        load_model = functools.partial(load_model, allow_pickle=True)
     rundir = RunDir(ns.out, overwrite=True)
     try:
-        dense, tokenizer = load_model(ns.dense, ns.dtype, allow_pickle=ns.allow_pickle)
+        device = resolve_device(ns.device)
+        dense, tokenizer = load_model(ns.dense, ns.dtype)
         seqlen = effective_seqlen(dense, ns.eval_seqlen)
         windows = eval_windows(tokenizer(eval_text(ns.data, ns.data_dir))["input_ids"], seqlen, ns.eval_windows)
         runs: dict[str, list[float]] = {}
         for path in ns.model:
-            pruned, _ = load_model(path, ns.dtype, allow_pickle=ns.allow_pickle)
+            pruned, _ = load_model(path, ns.dtype)
             runs[Path(path).name or path] = block_errors(dense, pruned, windows, ns.eval_batch_size, device)
             del pruned
         result = {
@@ -232,18 +236,23 @@ def _cmd_error(ns: argparse.Namespace) -> int:
             "models": ns.model, "errors": runs,
         }
         rundir.write_json("errors.json", result)
-        plotted = plot_block_errors(runs, rundir.path("block_errors.png"), f"{ns.data}, {windows.shape[0]} x {seqlen} tokens")
+        plot_block_errors(runs, rundir.path("block_errors.png"), f"{ns.data}, {windows.shape[0]} x {seqlen} tokens")
         rundir.commit()
     except BaseException:
         rundir.discard()
         raise
     for name, errs in runs.items():
         print(f"{name}: error at block 0 {errs[0]:.4f}, last block {errs[-1]:.4f}")
-    if plotted:
-        print(f"written to {ns.out}/errors.json and block_errors.png")
-    else:
-        print(f"written to {ns.out}/errors.json; block_errors.png was skipped: matplotlib is not installed (pip install matplotlib)")
+    print(f"written to {ns.out}/errors.json and block_errors.png")
     return 0
+
+
+def _require_matplotlib(plot: str) -> None:
+    """matplotlib is a dependency; a broken install is reported before the work, not as a missing plot."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PrunekitError(f"matplotlib is not installed, so {plot} cannot be drawn; install it with `pip install matplotlib`") from None
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:
