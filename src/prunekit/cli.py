@@ -29,6 +29,8 @@ log = logging.getLogger("prunekit")
 _ALIASES = {"eval": ["--data"], "eval_tasks": ["--tasks"], "eval_limit": ["--limit"]}
 _HELP = {
     "model": "hub id, local model directory, .gguf file, or smollm2-135m (default)",
+    "allow_pickle": "read pickle weights (pytorch_model.bin); unpickling can run code: only for files you trust",
+    "trust_remote_code": "run the Python code a model ships with: only for a source you trust",
     "method": "magnitude | wanda | sparsegpt",
     "sparsity": "fraction pruned (0.5) or N:M with N kept of every M (2:4)",
     "scope": "comparison group for magnitude/wanda: row | layer | auto",
@@ -50,8 +52,6 @@ _HELP = {
     "eval_tasks": "zero-shot tasks: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa,lambada, or paper / all",
     "eval_limit": "first N items of each zero-shot task; 0 = all",
     "calib_mix": "fraction of the calibration windows written by the model itself, mixed into --calib",
-    "allow_pickle": "read pickle weights (pytorch_model.bin); unpickling can run code: only for files you trust",
-    "trust_remote_code": "run the Python code a model ships with: only for a source you trust",
 }
 
 
