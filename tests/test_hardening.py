@@ -329,3 +329,23 @@ def test_no_data_directory_is_said_plainly(caplog, monkeypatch):
         data.documents("wikitext2", None)
     assert "None" not in caplog.text and "no data directory is set" in caplog.text
     assert "None" not in str(e.value) and "--data-dir" in str(e.value)
+
+
+def test_eval_and_error_never_replace_a_model_or_run(model_dir, word_text, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(model_dir, src)
+    before = sorted(p.name for p in src.iterdir())
+    assert main(["eval", "--model", str(src), "--data", str(word_text), "--out", str(src)]) == 2
+    one_error_line(capsys, "would be replaced")
+    assert main(["error", "--model", str(src), "--dense", str(model_dir), "--data", str(word_text), "--out", str(src)]) == 2
+    one_error_line(capsys, "would be replaced")
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_yaml_on_off_for_a_text_setting_says_to_quote(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("offload: off\n")
+    assert main(["prune", "--config", str(f), "--out", str(tmp_path / "r")]) == 2
+    one_error_line(capsys, "quote it")

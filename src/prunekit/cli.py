@@ -168,6 +168,8 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     if not cfg.eval.datasets() and not cfg.eval.eval_tasks:
         raise PrunekitError("nothing to evaluate; pass --data wikitext2 (or ptb, c4, a .txt/.jsonl file) or --tasks boolq,...")
     device = resolve_device(cfg.model.device)
+    if cfg.out:
+        _refuse_overwriting(cfg.out, [cfg.model.model])
     rundir = RunDir(cfg.out, overwrite=True) if cfg.out else None
     try:
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
@@ -218,6 +220,7 @@ def _cmd_error(ns: argparse.Namespace) -> int:
     check_device(ns.device)
     check_eval_names([ns.data])
     _require_matplotlib("block_errors.png")
+    _refuse_overwriting(ns.out, [*ns.model, ns.dense])
     if ns.allow_pickle:
         load_model = functools.partial(load_model, allow_pickle=True)
     rundir = RunDir(ns.out, overwrite=True)
@@ -245,6 +248,15 @@ def _cmd_error(ns: argparse.Namespace) -> int:
         print(f"{name}: error at block 0 {errs[0]:.4f}, last block {errs[-1]:.4f}")
     print(f"written to {ns.out}/errors.json and block_errors.png")
     return 0
+
+
+def _refuse_overwriting(out: str, inputs: list[str]) -> None:
+    """``--out`` is replaced as a whole: never let it be a model directory or a run (an input above all)."""
+    final = Path(out).expanduser()
+    if any(final.resolve() == Path(i).expanduser().resolve() for i in inputs):
+        raise PrunekitError(f"--out {out} is the model being measured; it would be replaced: choose another --out")
+    if final.is_dir() and any((final / f).exists() for f in ("config.json", "model.safetensors", "config.yaml")):
+        raise PrunekitError(f"--out {out} holds a model or a run, which it would replace; choose another --out")
 
 
 def _require_matplotlib(plot: str) -> None:

@@ -433,6 +433,10 @@ def coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise bad
+    if isinstance(value, bool) and typ is str:
+        raise PrunekitError(
+            f"setting {name} needs a text value, not {value!r} (YAML reads yes/no/on/off as true/false); quote it, e.g. '{'on' if value else 'off'}'"
+        )
     if isinstance(value, bool) or isinstance(value, (list, dict, tuple, set)):
         raise bad
     if typ is str:
