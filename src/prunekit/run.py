@@ -223,17 +223,18 @@ def checkpoint_bytes(model: nn.Module, cfg: RunConfig, model_bytes: int) -> int:
 
 
 def _disk_error(e: OSError, rundir: RunDir | None, resumable: bool) -> PrunekitError:
-    """An OSError while writing the run, as one line that says where and what next."""
+    """An OSError during the run (a full disk above all), as one line that says where and what next."""
     where = str(rundir.final.parent) if rundir is not None else "the output directory"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        problem = f"no space left on the disk of {where}"
+    space = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if space:
+        problem, fix = f"no space left on the disk of {where}", "free some space"
     elif e.errno == errno.EROFS:
-        problem = f"{where} is on a read-only file system"
+        problem, fix = f"{where} is on a read-only file system", "make it writable"
     else:
-        problem = f"cannot write the run ({e.strerror or e})"
+        problem, fix = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""), "fix that"
     if resumable and rundir is not None:
-        return PrunekitError(f"{problem}; the finished windows are kept: fix that, then continue with `prunekit prune --resume {rundir.final}`")
-    return PrunekitError(f"{problem}; free some space (or choose another --out) and run again")
+        return PrunekitError(f"{problem}; the finished windows are kept: {fix}, then continue with `prunekit prune --resume {rundir.final}`")
+    return PrunekitError(f"{problem}; {fix}{' (or choose another --out)' if space else ''} and run again")
 
 
 def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) -> dict[str, Any]:
