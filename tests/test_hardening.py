@@ -18,7 +18,7 @@ import torch
 
 import prunekit
 from prunekit.cli import _apply, build_parser, main
-from prunekit.config import RunConfig, recon_label
+from prunekit.config import RunConfig
 
 SRC = Path(prunekit.__file__).resolve().parent
 
@@ -151,7 +151,7 @@ def test_recon_lr_with_training_is_refused(tmp_path, capsys):
 
 
 def test_overridden_preset_is_relabelled_from_the_resolved_settings():
-    from prunekit.config import ReconConfig
+    from prunekit.config import ReconConfig, recon_label
     from prunekit.report import comparison_rows
 
     resolved = lambda **kw: vars(ReconConfig(**kw).validate())  # noqa: E731
