@@ -60,7 +60,7 @@ def damaged_models(model_dir, tmp_path):
     weights = trunc / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     garbage = tmp_path / "garbage.gguf"
-    garbage.write_bytes(b"GGUF\x03\x00\x00\x00" + os.urandom(4096))
+    garbage.write_bytes(b"GGUF\x03\x00\x00\x00" + b"garbage" * 4)  # counts read from text: struct.error
     short = tmp_path / "short.gguf"
     # a real GGUF header (version 3, 0 tensors, 1 key) whose key runs past the end of the file
     short.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
