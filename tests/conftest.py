@@ -152,3 +152,50 @@ class WhitespaceTokenizer:
 @pytest.fixture
 def ws_tokenizer() -> WhitespaceTokenizer:
     return WhitespaceTokenizer()
+
+
+# ----------------------------------------------------------------------------- saved tiny models for CLI tests
+
+
+def save_tiny_model_dir(path, family: str = "llama", seed: int = 0, layers: int = LAYERS, safe: bool = True):
+    """A tiny random model and a word-level tokenizer (``w3 w4 ...``) saved as ``save_pretrained`` does.
+
+    The tokenizer is built in memory (no download), so command-line tests can load the directory
+    with plain ``AutoTokenizer``/``AutoModelForCausalLM`` as prunekit does.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = make_tiny_model(family, seed=seed, layers=layers)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if not safe:  # transformers 5 writes safetensors only; turn them into the pickle file older tools wrote
+        from safetensors.torch import load_file
+
+        weights = path / "model.safetensors"
+        torch.save(load_file(weights), path / "pytorch_model.bin")
+        weights.unlink()
+    return path
+
+
+def write_word_text(path, words: int = 4000, seed: int = 0):
+    """A .txt corpus of random ``wN`` words the tiny tokenizer knows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (words,), generator=g).tolist()
+    path.write_text(" ".join(f"w{i}" for i in ids))
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A saved tiny Llama (3 blocks) with its tokenizer, shared by the command-line tests (read only)."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny", layers=3)
+
+
+@pytest.fixture(scope="session")
+def word_text(tmp_path_factory):
+    return write_word_text(tmp_path_factory.mktemp("corpus") / "words.txt")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -16,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, EvalConfig, ModelConfig, RunConfig, leaf_fields, load_yaml, scalar_type, set_leaf
+from .config import (
+    PRESETS, EvalConfig, ModelConfig, RunConfig, check_device, check_eval_names, leaf_fields, load_yaml, scalar_type,
+    set_leaf,
+)
 from .errors import PrunekitError
 
 log = logging.getLogger("prunekit")
@@ -25,6 +29,8 @@ log = logging.getLogger("prunekit")
 _ALIASES = {"eval": ["--data"], "eval_tasks": ["--tasks"], "eval_limit": ["--limit"]}
 _HELP = {
     "model": "hub id, local model directory, .gguf file, or smollm2-135m (default)",
+    "allow_pickle": "read pickle weights (pytorch_model.bin); unpickling can run code: only for files you trust",
+    "trust_remote_code": "run the Python code a model ships with: only for a source you trust",
     "method": "magnitude | wanda | sparsegpt",
     "sparsity": "fraction pruned (0.5) or N:M with N kept of every M (2:4)",
     "scope": "comparison group for magnitude/wanda: row | layer | auto",
@@ -69,12 +75,19 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cfg: Any, only: set[st
             parser.add_argument(*flags, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
 
 
-def _apply(cfg: Any, ns: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "verbose", "resume")) -> None:
+_SKIP = ("command", "config", "verbose", "resume")
+
+
+def _apply(cfg: Any, ns: argparse.Namespace, skip: tuple[str, ...] = _SKIP) -> set[str]:
+    """Apply ``--config`` and then the flags to ``cfg``; return the names of the settings given."""
+    given: set[str] = set()
     if getattr(ns, "config", None):
-        load_yaml(ns.config, cfg)
+        given |= load_yaml(ns.config, cfg)
     for key, value in vars(ns).items():
         if key not in skip:
             set_leaf(cfg, key, value)
+            given.add(key)
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None)
     r.add_argument("--device", default="auto")
     r.add_argument("--dtype", default="float32")
+    r.add_argument("--allow-pickle", action="store_true", help="read pickle weights (pytorch_model.bin): only files you trust")
     r.add_argument("--out", required=True, help="directory for errors.json and block_errors.png")
 
     c = sub.add_parser("report", help="one Markdown and HTML page comparing run directories")
@@ -122,19 +136,21 @@ class _EvalRun:
 
 
 def _cmd_prune(ns: argparse.Namespace) -> int:
-    from .run import resume_config, run_prune
+    from .run import apply_resume_overrides, resume_config, run_prune
 
     if ns.resume:
+        if ns.config:
+            raise PrunekitError("--config cannot be combined with --resume: a resumed run keeps its own settings; drop --config")
         cfg = resume_config(ns.resume)
-        if getattr(ns, "device", None):
-            cfg.model.device = ns.device  # a resumed run may move to another device; nothing else changes
+        # a resumed run may move to another device; a flag that would change the result is refused
+        apply_resume_overrides(cfg, {k: v for k, v in vars(ns).items() if k not in _SKIP})
         run_prune(cfg, resume=True)
         return 0
     cfg = RunConfig()
-    _apply(cfg, ns)
+    given = _apply(cfg, ns)
     if not cfg.out:
         raise PrunekitError("no output directory; pass --out DIR (the pruned model, metrics and report go there)")
-    run_prune(cfg)
+    run_prune(cfg, eval_fallback="eval" not in given)
     return 0
 
 
@@ -152,12 +168,15 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     if ns.command == "eval" and "eval" not in vars(ns) and cfg.eval.eval_tasks:
         cfg.eval.eval = "none"  # `prunekit eval --tasks ...` alone: zero-shot only
     cfg.eval.validate()
+    check_eval_names(cfg.eval.datasets())
     if not cfg.eval.datasets() and not cfg.eval.eval_tasks:
         raise PrunekitError("nothing to evaluate; pass --data wikitext2 (or ptb, c4, a .txt/.jsonl file) or --tasks boolq,...")
+    device = resolve_device(cfg.model.device)
+    if cfg.out:
+        _refuse_overwriting(cfg.out, [cfg.model.model])
     rundir = RunDir(cfg.out, overwrite=True) if cfg.out else None
     try:
-        device = resolve_device(cfg.model.device)
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
         seqlen = effective_seqlen(model, cfg.eval.eval_seqlen)
         sets = [
             EvalSet(name, eval_windows(tokenizer(eval_text(name, cfg.data_dir))["input_ids"], seqlen, cfg.eval.eval_windows))
@@ -202,6 +221,12 @@ def _cmd_error(ns: argparse.Namespace) -> int:
 
     if ns.eval_windows < 0 or ns.eval_seqlen < 2:
         raise PrunekitError("eval-windows must be 0 or more and eval-seqlen at least 2")
+    check_device(ns.device)
+    check_eval_names([ns.data])
+    _require_matplotlib("block_errors.png")
+    _refuse_overwriting(ns.out, [*ns.model, ns.dense])
+    if ns.allow_pickle:
+        load_model = functools.partial(load_model, allow_pickle=True)
     rundir = RunDir(ns.out, overwrite=True)
     try:
         device = resolve_device(ns.device)
@@ -233,6 +258,23 @@ def _cmd_error(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_overwriting(out: str, inputs: list[str]) -> None:
+    """``--out`` is replaced as a whole: never let it be a model directory or a run (an input above all)."""
+    final = Path(out).expanduser()
+    if any(final.resolve() == Path(i).expanduser().resolve() for i in inputs):
+        raise PrunekitError(f"--out {out} is the model being measured; it would be replaced: choose another --out")
+    if final.is_dir() and any((final / f).exists() for f in ("config.json", "model.safetensors", "config.yaml")):
+        raise PrunekitError(f"--out {out} holds a model or a run, which it would replace; choose another --out")
+
+
+def _require_matplotlib(plot: str) -> None:
+    """matplotlib is a dependency; a broken install is reported before the work, not as a missing plot."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PrunekitError(f"matplotlib is not installed, so {plot} cannot be drawn; install it with `pip install matplotlib`") from None
+
+
 def _cmd_report(ns: argparse.Namespace) -> int:
     from .report import compare_runs
 
@@ -245,6 +287,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import resolve_device
+    from .rundir import check_path_length, probe_writable
     from .selfgen import self_calibration
 
     out = ns.out
@@ -254,19 +297,40 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     cfg.validate()
     c = cfg.prune.calib
     device = resolve_device(cfg.prune.device)
-    model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+    if out:  # an unwritable --out is reported now, not after the generation
+        path = Path(out).expanduser()
+        if path.is_dir():
+            raise PrunekitError(f"--out {path} is a directory; give a file name such as calib.jsonl")
+        check_path_length(path)
+        probe_writable(path.parent, "the folder of --out")
+    model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     ids = self_calibration(model, tokenizer, c.nsamples, c.seqlen, c.seed, c.gen_batch_size, device, c.cache_dir)
     print(f"{ids.shape[0]} windows of {ids.shape[1]} tokens ready (cached; `prunekit prune --calib self` with the same settings reuses them)")
     if out:
-        path = Path(out)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in ids:
-                fh.write(json.dumps({"text": tokenizer.decode(row)}) + "\n")
-        tmp.replace(path)
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                for row in ids:
+                    fh.write(json.dumps({"text": tokenizer.decode(row)}) + "\n")
+            tmp.replace(path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise PrunekitError(f"cannot write {path} ({e.strerror}); free some space or choose another --out") from None
+            raise
         print(f"texts written to {path}")
     return 0
+
+
+def _release(e: BaseException) -> None:
+    """Drop the frames of a failed command now, so that what they hold (a progress bar that redraws
+    itself when closed) is finished before the one line that ends the command."""
+    import gc
+
+    e.__traceback__ = None
+    e.__context__ = None
+    gc.collect()
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,10 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(ns)
     except PrunekitError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
+        _release(e)
+        message = " ".join(str(e).split("\n"))  # one line, whatever text a library put into it
+        print(f"prunekit: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("prunekit: interrupted; an unfinished run can be continued with `prunekit prune --resume DIR`", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        _release(e)
+        resume_dir = getattr(e, "resume_dir", None)
+        if resume_dir:
+            print(f"prunekit: interrupted; continue with `prunekit prune --resume {resume_dir}`", file=sys.stderr)
+        else:
+            print("prunekit: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

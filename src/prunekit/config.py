@@ -15,6 +15,8 @@ minutes on a 2-core CPU. The papers' settings are one flag away: SparseGPT and W
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,14 @@ from .errors import PrunekitError
 from .losses import LOSSES
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+# auto | cpu | cuda | cuda:N | mps; anything else is a typo (`tpu9`), refused before the model loads
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch would not understand, before any work (availability is checked later)."""
+    if not _DEVICE.fullmatch(str(device)):
+        raise PrunekitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 DTYPES = ("float32", "bfloat16", "float16")
 SCOPES = ("auto", "row", "layer")
 
@@ -79,10 +89,12 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N; the model stays on CPU, one block at a time moves here
+    allow_pickle: bool = False  # read pickle weights (pytorch_model.bin); pickle can run code, so only on request
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise PrunekitError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_device(self.device)
 
 
 @dataclass
@@ -341,10 +353,58 @@ class RunConfig:
     overwrite: bool = False  # replace an existing output directory
 
     def validate(self) -> Sparsity:
+        """Check everything a run needs before any work.
+
+        ``--device`` is one setting kept in two places: ``model.device`` (the flag and the CLI's
+        source of truth) and ``prune.device`` (what :func:`prunekit.prune` reads). A value set in
+        only one of them (a YAML ``prune: {device: cuda}``) is copied to the other; when both are
+        set, ``model.device`` wins.
+        """
+        if self.model.device == "auto" and self.prune.device != "auto":
+            self.model.device = self.prune.device
+        self.prune.device = self.model.device
         self.model.validate()
         self.eval.validate()
-        self.prune.device = self.model.device
+        check_eval_names(self.eval.datasets())
+        recon = self.prune.recon.resolved() if self.prune.recon.recon in PRESETS else None
+        if recon is not None and self.prune.recon.recon == "lr" and recon.trains:
+            what = f"--epochs {recon.epochs}" if recon.epochs else "--solver lstsq"
+            raise PrunekitError(
+                f"--recon lr means no reconstruction, but {what} asks for training; "
+                f"choose a reconstruction preset instead (e.g. --recon br {what})"
+            )
         return self.prune.validate()
+
+
+def check_eval_names(names: list[str]) -> None:
+    """A misspelt corpus (``wikitext3``) is an error before the model loads, not a silent fallback."""
+    from .data import CORPORA
+
+    for name in names:
+        if name not in CORPORA and Path(name).suffix not in (".txt", ".jsonl"):
+            raise PrunekitError(
+                f"unknown evaluation corpus {name!r}; use one of {', '.join(CORPORA)}, none, "
+                "or a path to a .txt or .jsonl file"
+            )
+        if name not in CORPORA and not Path(name).expanduser().is_file():
+            raise PrunekitError(f"evaluation file {name} does not exist; give an existing .txt or .jsonl file to --eval")
+
+
+def recon_label(settings: dict[str, Any]) -> str:
+    """The name of the reconstruction a run did, from its resolved settings.
+
+    The preset's name when every value the preset fixes still holds; otherwise the name followed by
+    what was overridden (``br (epochs 3, targets global)``), so that a label never claims a preset
+    whose meaning a flag changed.
+    """
+    name = settings.get("recon", "lr")
+    preset = PRESETS.get(name, {})
+    changed = [f"{k.replace('_', '-')} {settings[k]}" for k, v in preset.items() if k in settings and settings[k] != v]
+    if name in PRESETS and "lr" not in preset and settings.get("lr") not in (None, DEFAULT_LR):
+        changed.append(f"lr {settings['lr']}")
+    if settings.get("solver", "adam") != "adam":
+        changed.append(f"solver {settings['solver']}")
+    return f"{name} ({', '.join(changed)})" if changed else str(name)
 
 
 # ----------------------------------------------------------------------------- flat <-> nested
@@ -356,8 +416,9 @@ def leaf_fields(cfg: Any, prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            out.update(leaf_fields(value, prefix + (f.name,)))
-        elif f.name not in out:  # PruneConfig.device mirrors ModelConfig.device; the first one wins
+            for name, leaf in leaf_fields(value, prefix + (f.name,)).items():
+                out.setdefault(name, leaf)  # PruneConfig.device mirrors ModelConfig.device; the first one wins
+        elif f.name not in out:
             out[f.name] = (prefix, f)
     return out
 
@@ -371,48 +432,118 @@ def scalar_type(f: dataclasses.Field) -> type:
     return str
 
 
+def _describe(typ: type) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a text value"}[typ]
+
+
+def coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the type of field ``f``, or a one-line error naming the setting and the type it needs.
+
+    YAML gives any type (``nsamples: 4.7``, ``null``, ``[4]``); refusing them here, at load, means
+    no run fails with a TypeError after minutes of loading. Numbers written as text (YAML reads
+    ``1e-3`` as a string) are parsed; whole floats (``8.0``) are accepted for integers.
+    """
+    typ = scalar_type(f)
+    optional = "None" in str(f.type)
+    if value is None:
+        if optional:
+            return None
+        raise PrunekitError(f"setting {name} needs {_describe(typ)}, not null; give a value or leave it out")
+    bad = PrunekitError(f"setting {name} needs {_describe(typ)}, not {value!r}; fix the value")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if isinstance(value, bool) and typ is str:
+        raise PrunekitError(
+            f"setting {name} needs a text value, not {value!r} (YAML reads yes/no/on/off as true/false); quote it, e.g. '{'on' if value else 'off'}'"
+        )
+    if isinstance(value, bool) or isinstance(value, (list, dict, tuple, set)):
+        raise bad
+    if typ is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)  # `sparsity: 0.5` or `eval: c4` read as numbers/text alike
+        raise bad
+    if isinstance(value, str):
+        try:
+            value = float(value) if typ is float else int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+    if typ is int:
+        if isinstance(value, float):
+            if not (math.isfinite(value) and value.is_integer()):
+                raise bad
+            return int(value)
+        if isinstance(value, int):
+            return value
+        raise bad
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise bad
+
+
 def set_leaf(cfg: Any, name: str, value: Any) -> None:
     fields = leaf_fields(cfg)
     if name not in fields:
         raise PrunekitError(f"unknown setting {name!r}; see `prunekit prune --help` for the list")
-    typ = scalar_type(fields[name][1])
-    if isinstance(value, str) and typ in (int, float):  # YAML reads 1e-3 as a string
-        try:
-            value = typ(value)
-        except ValueError:
-            raise PrunekitError(f"setting {name} needs a number, not {value!r}") from None
+    value = coerce(name, fields[name][1], value)
     obj = cfg
     for part in fields[name][0]:
         obj = getattr(obj, part)
     setattr(obj, name, value)
 
 
+def get_leaf(cfg: Any, name: str) -> Any:
+    """The value of leaf setting ``name`` (the inverse of :func:`set_leaf`)."""
+    fields = leaf_fields(cfg)
+    obj = cfg
+    for part in fields[name][0]:
+        obj = getattr(obj, part)
+    return getattr(obj, name)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def apply_mapping(cfg: Any, data: dict[str, Any]) -> None:
-    """Apply a YAML mapping, nested by section (as ``config.yaml`` is written) or flat."""
+def apply_mapping(cfg: Any, data: dict[str, Any]) -> set[str]:
+    """Apply a YAML mapping, nested by section (as ``config.yaml`` is written) or flat; return the names set."""
+    names: set[str] = set()
     for key, value in data.items():
-        key = key.replace("-", "_")
+        key = str(key).replace("-", "_")
         sub = getattr(cfg, key, None)
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            apply_mapping(sub, value)
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise PrunekitError(
+                    f"section {key!r} must be a mapping of settings (e.g. `{key}: {{name: value}}`), not {value!r}"
+                )
+            names |= apply_mapping(sub, value)
         else:
             set_leaf(cfg, key, value)
+            names.add(key)
+    return names
 
 
-def load_yaml(path: str | Path, cfg: Any) -> None:
+def load_yaml(path: str | Path, cfg: Any) -> set[str]:
+    """Apply the YAML file at ``path`` to ``cfg`` (every value type-checked); return the names it set."""
     p = Path(path)
     if not p.is_file():
         raise PrunekitError(f"config file {p} does not exist; give an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise PrunekitError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict):
         raise PrunekitError(f"config file {p} must hold a mapping of settings; see a run's config.yaml for the form")
-    apply_mapping(cfg, data)
+    try:
+        return apply_mapping(cfg, data)
+    except PrunekitError as e:
+        raise PrunekitError(f"{p}: {e}") from None
 
 
 def dump_yaml(cfg: Any) -> str:

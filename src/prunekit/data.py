@@ -81,12 +81,13 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
-def _from_hub(corpus: Corpus) -> list[str]:
+def _from_hub(corpus: Corpus, root: Path | None = None) -> list[str]:
+    where = "is not in the data directory" if root is not None else "needs a data directory (none is set)"
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
         raise PrunekitError(
-            f"corpus {corpus.name!r} is not in the data directory and the `datasets` package is missing; "
+            f"corpus {corpus.name!r} {where} and the `datasets` package is missing; "
             f"set --data-dir (or ${DATA_ENV}) to a folder holding {corpus.file}"
         ) from None
     try:
@@ -98,7 +99,7 @@ def _from_hub(corpus: Corpus) -> list[str]:
             ds = datasets.load_dataset(*corpus.hub, split=corpus.split)
     except Exception as e:  # network errors come in many types
         raise PrunekitError(
-            f"corpus {corpus.name!r} is not in the data directory and the hub failed ({type(e).__name__}); "
+            f"corpus {corpus.name!r} {where} and the hub failed ({type(e).__name__}); "
             f"set --data-dir (or ${DATA_ENV}) to a folder holding {corpus.file}"
         ) from None
     column = "sentence" if corpus.name == "ptb" else "text"
@@ -122,8 +123,11 @@ def documents(name: str, data_dir_setting: str | None = None) -> list[str]:
             if name == "wikitext2":
                 return ["\n\n".join(_wikitext_rows(raw))]
             return [" ".join(line.strip() for line in raw.split("\n") if line.strip())]
-        log.info("%s not found under %s; trying the Hugging Face hub", corpus.file, root)
-        rows = _from_hub(corpus)
+        if root is None:
+            log.info("no data directory is set (--data-dir or $%s); trying the Hugging Face hub for %s", DATA_ENV, name)
+        else:
+            log.info("%s not found under %s; trying the Hugging Face hub", corpus.file, root)
+        rows = _from_hub(corpus, root)
         if name == "c4":
             return rows
         return ["\n\n".join(rows)] if name == "wikitext2" else [" ".join(rows)]

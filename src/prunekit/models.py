@@ -9,7 +9,9 @@ that the pruned model saves as plain safetensors that ``AutoModelForCausalLM.fro
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -44,47 +46,135 @@ def resolve_alias(name: str) -> str:
     return str(path)
 
 
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# a hub id is `name` or `owner/name` of letters, digits, `-`, `_`, `.` (not starting with `.` or `-`)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def _looks_local(source: str, path: Path) -> bool:
+    """Whether ``source`` names a local path rather than a hub id.
+
+    ``runs/x`` is both a valid hub id and the README's form of a run directory: it counts as local
+    when its first part (``runs``) exists here, so that a missing run directory is reported at once
+    instead of after the hub's retries.
+    """
+    if path.is_absolute() or source.startswith((".", "~")) or source.endswith("/") or "\\" in source:
+        return True
+    if not _HUB_ID.fullmatch(source):
+        return True
+    return "/" in source and Path(source.split("/")[0]).exists()
+
+
+def _check_weights(path: Path, name: str, allow_pickle: bool) -> None:
+    """Refuse a local model whose weights are pickle files only, unless the user opted in."""
+    files = [f for f in path.iterdir() if f.is_file()]
+    if any(f.name.endswith(".safetensors") or f.name.endswith(".safetensors.index.json") for f in files):
+        return
+    pickles = [f.name for f in files if f.suffix in _PICKLE_WEIGHTS]
+    if not pickles:
+        raise PrunekitError(f"model directory {path} has no weights (no .safetensors file); give a directory written by save_pretrained")
+    if not allow_pickle:
+        raise PrunekitError(
+            f"model {name!r} has only pickle weights ({pickles[0]}), which can run code when read; "
+            "convert them to safetensors, or pass --allow-pickle if you trust the file"
+        )
+
+
+def _remote_code_error(name: str, model_type: str | None) -> PrunekitError:
+    kind = f"type {model_type!r}, unknown to transformers" if model_type else "a type unknown to transformers"
+    return PrunekitError(
+        f"model {name!r} ({kind}) needs the Python code it ships with; --trust-remote-code runs that code "
+        "with your permissions: pass it only if you trust the model's source"
+    )
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PrunekitError(f"{path}/config.json cannot be read ({str(e).splitlines()[0]}); re-save the model") from None
+    if not isinstance(data, dict):
+        raise PrunekitError(f"{path}/config.json is not a JSON object; re-save the model")
+    return data
+
+
+def _load_failed(name: str, e: Exception) -> PrunekitError:
+    """One line for any failure inside transformers/safetensors/gguf while reading a model."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if "trust_remote_code" in str(e):
+        return _remote_code_error(name, None)
+    if isinstance(e, OSError) and ("couldn't connect" in str(e).lower() or "offline" in str(e).lower()):
+        return PrunekitError(
+            f"model {name!r} is not a local directory and the Hugging Face hub could not be reached; "
+            "give a saved model directory, a .gguf file or a hub id while online"
+        )
+    return PrunekitError(
+        f"cannot load model {name!r}: its files are damaged or not a model ({type(e).__name__}: {text}); "
+        "re-download or re-save it"
+    )
+
+
 def load_model(
-    name: str = DEFAULT_MODEL, dtype: str = "float32", trust_remote_code: bool = False
+    name: str = DEFAULT_MODEL, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer on CPU.
 
     ``name`` is a hub id, a local directory saved with ``save_pretrained``, a ``.gguf`` file, or
-    an alias such as ``smollm2-135m``.
+    an alias such as ``smollm2-135m``. Weights are read from safetensors (or GGUF) only; pickle
+    weights (``pytorch_model.bin``) need ``allow_pickle``, because unpickling a file can run code.
+    Whatever goes wrong while reading the files (truncated safetensors, a damaged GGUF) is one
+    :class:`PrunekitError`, never a traceback.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in _DTYPES:
         raise PrunekitError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     source = resolve_alias(name)
-    path = Path(source)
+    path = Path(source).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
+    model_kwargs: dict = {} if allow_pickle else {"use_safetensors": True}
     if source.endswith(".gguf"):
         if not path.is_file():
             raise PrunekitError(f"GGUF file {path} does not exist; give an existing .gguf file to --model")
         repo, kwargs["gguf_file"] = str(path.parent), path.name
+        model_kwargs = {}
     else:
-        repo = source
-        looks_local = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
-        if looks_local and not path.exists():
+        repo = str(path) if path.exists() else source
+        if not path.exists() and _looks_local(source, path):
             raise PrunekitError(f"model directory {path} does not exist; give a saved model directory or a hub id")
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise PrunekitError(f"{path} has no config.json; give a directory written by save_pretrained")
+        if path.exists() and not path.is_dir():
+            raise PrunekitError(f"{path} is neither a model directory nor a .gguf file; give a directory written by save_pretrained")
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise PrunekitError(f"{path} has no config.json; give a directory written by save_pretrained")
+            data = _read_config_json(path)
+            if "auto_map" in data and not trust_remote_code:
+                from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+                if data.get("model_type") not in CONFIG_MAPPING_NAMES:
+                    raise _remote_code_error(name, data.get("model_type"))
+            _check_weights(path, name, allow_pickle)
     try:
         config = AutoConfig.from_pretrained(repo, **kwargs)
-    except (OSError, ValueError) as e:
-        raise PrunekitError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    except PrunekitError:
+        raise
+    except Exception as e:
+        raise _load_failed(name, e) from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise PrunekitError(
-            f"model {name!r} (type {config.model_type!r}) is not a causal language model; prunekit prunes decoder-only LMs"
+            f"model {name!r} (type {config.model_type!r}) is not a causal language model that transformers "
+            "knows; prunekit prunes decoder-only LMs (if the model ships its own code, --trust-remote-code "
+            "runs it: only for a source you trust)"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(repo, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(repo, dtype=_DTYPES[dtype], **kwargs)
-    except (OSError, ValueError) as e:
-        raise PrunekitError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype=_DTYPES[dtype], **kwargs, **model_kwargs)
+    except PrunekitError:
+        raise
+    except Exception as e:  # SafetensorError, struct.error, ValueError from a damaged file, ...
+        raise _load_failed(name, e) from None
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token is None:

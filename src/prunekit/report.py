@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import recon_label
+
 
 def _fmt_s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f} s"
@@ -81,7 +83,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             "",
             "## Reconstruction",
             "",
-            f"Preset `{r['recon']}`: granularity {r['granularity']}, inputs {r['inputs']}, targets {r['targets']}, "
+            f"Preset `{recon_label(r)}`: granularity {r['granularity']}, inputs {r['inputs']}, targets {r['targets']}, "
             f"window {r['window']} / stride {r['stride']}, {r['epochs']} epochs, lr {r['lr']}, "
             f"step batch {r.get('recon_batch_size') or 'as --batch-size'}, solver {r['solver']}"
             + (f", LoRA rank {r['lora_rank']}" if r["lora_rank"] else "")
@@ -201,9 +203,23 @@ def load_run(directory) -> dict[str, Any]:
     path = d / "metrics.json"
     if not path.is_file():
         raise PrunekitError(f"{d} has no metrics.json; give run directories written by `prunekit prune`")
-    metrics = json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PrunekitError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); give run directories written by `prunekit prune`") from None
+    if not isinstance(metrics, dict):
+        raise PrunekitError(f"{path} is not a prunekit metrics file (not a JSON object); give run directories written by `prunekit prune`")
     metrics["_name"] = d.name
     metrics["_dir"] = str(d)
+    try:  # the shape of what the comparison reads, so that a foreign file is one line, not a traceback
+        comparison_rows([metrics])
+        for u in metrics.get("reconstruction", {}).get("units", []):
+            [float(v) for v in u.get("loss_curve", [])]
+        [str(p) for p in metrics.get("plots", [])] + [str(n) for n in metrics.get("notes", [])]
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise PrunekitError(
+            f"{path} is not in prunekit's format ({type(e).__name__}: {e}); give run directories written by `prunekit prune`"
+        ) from None
     return metrics
 
 
@@ -222,28 +238,31 @@ def comparison_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[st
     header = ["run", "method", "sparsity", "recon", "calib", "overall sparsity"]
     header += [f"ppl {d}" for d in datasets] + [f"{t} acc" for t in tasks]
     header += ["zero-shot mean", "calib error after", "held-out error after", "prune s", "peak MB"]
-    rows = []
-    for r in runs:
-        s = r.get("settings", {})
-        rec = r.get("reconstruction", {})
-        err = rec.get("error", {})
-        zs = r.get("zeroshot", {})
-        row = [
-            r["_name"], s.get("method", "-"), s.get("sparsity", "-"), rec.get("settings", {}).get("recon", "lr"),
-            f"{s.get('calib', '-')} {s.get('nsamples', '')}x{s.get('seqlen', '')}",
-            _cell(r.get("sparsity", {}).get("overall"), "{:.4f}"),
-        ]
-        row += [_cell(r.get("perplexity", {}).get(d)) for d in datasets]
-        for t in tasks:
-            m = zs.get("tasks", {}).get(t)
-            row.append("-" if m is None else f"{m.get('acc_norm', m['acc']):.4f}")
-        row += [
-            _cell(zs.get("mean_acc"), "{:.4f}"), _cell(err.get("calib_after"), "{:.4f}"),
-            _cell(err.get("heldout_after"), "{:.4f}"), _cell(r.get("timing", {}).get("prune_s"), "{:.1f}"),
-            _cell(r.get("peak_rss_mb"), "{:.0f}"),
-        ]
-        rows.append(row)
+    rows = [_row(r, datasets, tasks) for r in runs]
     return header, rows
+
+
+def _row(r: dict[str, Any], datasets: list[str], tasks: list[str]) -> list[str]:
+    """One run's row of the comparison table (KeyError/TypeError when metrics.json is not prunekit's)."""
+    s = r.get("settings", {})
+    rec = r.get("reconstruction", {})
+    err = rec.get("error", {})
+    zs = r.get("zeroshot", {})
+    row = [
+        r["_name"], s.get("method", "-"), s.get("sparsity", "-"), recon_label(rec.get("settings", {"recon": "lr"})),
+        f"{s.get('calib', '-')} {s.get('nsamples', '')}x{s.get('seqlen', '')}",
+        _cell(r.get("sparsity", {}).get("overall"), "{:.4f}"),
+    ]
+    row += [_cell(r.get("perplexity", {}).get(d)) for d in datasets]
+    for t in tasks:
+        m = zs.get("tasks", {}).get(t)
+        row.append("-" if m is None else _cell(m.get("acc_norm", m.get("acc")), "{:.4f}"))
+    row += [
+        _cell(zs.get("mean_acc"), "{:.4f}"), _cell(err.get("calib_after"), "{:.4f}"),
+        _cell(err.get("heldout_after"), "{:.4f}"), _cell(r.get("timing", {}).get("prune_s"), "{:.1f}"),
+        _cell(r.get("peak_rss_mb"), "{:.0f}"),
+    ]
+    return row
 
 
 def plot_loss_curves(runs: list[dict[str, Any]], path) -> bool:
@@ -262,16 +281,47 @@ def plot_loss_curves(runs: list[dict[str, Any]], path) -> bool:
 
 
 def compare_runs(run_dirs: list[str], out_dir) -> tuple[str, str]:
-    """Write ``report.md`` and ``report.html`` comparing runs into ``out_dir``; return both texts."""
+    """Write ``report.md`` and ``report.html`` comparing runs into ``out_dir``; return both texts.
+
+    ``out_dir`` is written atomically and never one of the runs (nor a folder holding other files):
+    a comparison must not overwrite a run's own ``report.md``.
+    """
+    from pathlib import Path
+
+    from .errors import PrunekitError
+    from .rundir import RunDir
+
+    runs = [load_run(d) for d in run_dirs]
+    final = Path(out_dir).expanduser()
+    for d in run_dirs:
+        if final.resolve() == Path(d).expanduser().resolve():
+            raise PrunekitError(f"--out {out_dir} is one of the runs compared; its own report.md would be overwritten: choose another --out")
+    if final.exists():
+        if not final.is_dir():
+            raise PrunekitError(f"--out {final} is a file; choose a new directory")
+        foreign = [f.name for f in final.iterdir() if f.name not in ("report.md", "report.html") and f.suffix != ".png"]
+        if foreign:
+            raise PrunekitError(
+                f"--out {final} holds files that are not a prunekit comparison ({foreign[0]}); choose a new or empty directory"
+            )
+    header, rows = comparison_rows(runs)
+    rundir = RunDir(final, overwrite=True)  # written into a hidden sibling, renamed at the end
+    try:
+        texts = _write_comparison(runs, rundir.tmp, header, rows)
+        rundir.commit()
+    except BaseException as e:
+        rundir.discard()
+        if isinstance(e, OSError):
+            raise PrunekitError(f"cannot write the comparison to {final} ({e.strerror}); free some space or choose another --out") from None
+        raise
+    return texts
+
+
+def _write_comparison(runs: list[dict[str, Any]], out, header: list[str], rows: list[list[str]]) -> tuple[str, str]:
     import html
-    import os
     import shutil
     from pathlib import Path
 
-    runs = [load_run(d) for d in run_dirs]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    header, rows = comparison_rows(runs)
     md = ["# prunekit: comparison of runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     plots = []
@@ -305,7 +355,5 @@ def compare_runs(run_dirs: list[str], out_dir) -> tuple[str, str]:
         page.append(f"<h2>{esc(title)}</h2><img src='{esc(p)}' alt='{esc(title)}'>")
     md_text, html_text = "\n".join(md), "\n".join(page) + "\n"
     for name, text in (("report.md", md_text), ("report.html", html_text)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        (out / name).write_text(text, encoding="utf-8")
     return md_text, html_text

@@ -8,8 +8,11 @@ the report says so.
 
 from __future__ import annotations
 
+import copy
+import errno
 import logging
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,15 +24,15 @@ from torch import nn
 import hashlib
 import json
 
-from .checkpoint import Checkpointer
-from .config import RunConfig, dump_yaml, load_yaml, to_dict
+from .checkpoint import CheckpointDamaged, Checkpointer
+from .config import RunConfig, dump_yaml, get_leaf, load_yaml, set_leaf, to_dict
 from .data import eval_text, eval_windows
 from .errors import PrunekitError
 from .evaluate import Perplexity, effective_seqlen, perplexity_of_ids
 from .models import load_model, save_model
 from .pipeline import prune, resolve_device
 from .report import plot_unit_errors, render_markdown, summary_lines
-from .rundir import RunDir
+from .rundir import RunDir, probe_writable
 from .selfgen import self_calibration
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare_eval_sets(model: nn.Module, tokenizer, cfg: RunConfig, device: torch.device) -> list[EvalSet]:
-    """Tokenize the evaluation corpora now, falling back to held-out self-generated text."""
+def prepare_eval_sets(
+    model: nn.Module, tokenizer, cfg: RunConfig, device: torch.device, fallback: bool = True
+) -> list[EvalSet]:
+    """Tokenize the evaluation corpora now, falling back to held-out self-generated text.
+
+    The fallback is for the default corpus only (``fallback``): a corpus the user named and that
+    cannot be found is an error, raised here, before the pruning.
+    """
     ev = cfg.eval
     seqlen = effective_seqlen(model, ev.eval_seqlen)
     sets: list[EvalSet] = []
@@ -58,8 +67,8 @@ def prepare_eval_sets(model: nn.Module, tokenizer, cfg: RunConfig, device: torch
         try:
             ids = tokenizer(eval_text(name, cfg.prune.calib.data_dir))["input_ids"]
         except PrunekitError as e:
-            if Path(name).suffix in (".txt", ".jsonl"):
-                raise  # a file the user named must exist
+            if Path(name).suffix in (".txt", ".jsonl") or not fallback:
+                raise  # a corpus or file the user named must exist
             log.warning("%s", e)
             missing.append(name)
             continue
@@ -160,42 +169,128 @@ def settings_fingerprint(cfg: RunConfig) -> str:
     for key in ("out", "overwrite"):
         d.pop(key, None)
     d["model"].pop("device", None)
+    d["model"].pop("allow_pickle", None)
     for key in ("device", "offload", "offload_dir"):
         d["prune"].pop(key, None)
     d["prune"]["calib"].pop("cache_dir", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Settings a resumed run may change: they move the work or its scratch files, never the result.
+# Everything else (evaluation settings included: they do not change the pruned model, but they do
+# change metrics.json, and a resumed run must end as the uninterrupted one would) is refused.
+RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle")
+
+
 def resume_config(out: str) -> RunConfig:
     """The settings of the interrupted run at ``out`` (from its partial directory's config.yaml)."""
     cfg = RunConfig()
-    partial = Path(out).expanduser()
-    load_yaml(partial.parent / f".{partial.name}.partial" / "config.yaml", cfg)
+    final = Path(out).expanduser()
+    partial = final.parent / f".{final.name}.partial"
+    saved = partial / "config.yaml"
+    if not saved.is_file():
+        if (final / "metrics.json").is_file():
+            raise PrunekitError(f"the run at {final} is finished, nothing to resume; start a new run with another --out or --overwrite")
+        raise PrunekitError(f"no interrupted run at {final}; start it without --resume")
+    try:
+        load_yaml(saved, cfg)
+    except PrunekitError as e:
+        raise PrunekitError(
+            f"the interrupted run at {final} is damaged ({e}); start it over with --overwrite"
+        ) from None
     cfg.out = out
     return cfg
 
 
-def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+def apply_resume_overrides(cfg: RunConfig, given: dict[str, Any]) -> None:
+    """Apply settings given with ``--resume``: those in :data:`RESUME_FREE`, and others only when equal.
+
+    A flag that would change the result (``--sparsity 0.7``) is refused rather than ignored.
+    """
+    for name, value in given.items():
+        if name == "out":
+            if Path(value).expanduser().absolute() != Path(cfg.out).expanduser().absolute():
+                raise PrunekitError(f"--out {value} differs from --resume {cfg.out}; a resumed run finishes where it started")
+            continue
+        if name in RESUME_FREE:
+            set_leaf(cfg, name, value)
+            if name == "device":
+                cfg.prune.device = cfg.model.device
+            continue
+        probe = copy.deepcopy(cfg)
+        set_leaf(probe, name, value)
+        if get_leaf(probe, name) != get_leaf(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise PrunekitError(
+                f"{flag} {value} differs from the interrupted run's {get_leaf(cfg, name)}; a resumed run keeps its "
+                f"settings (only --{', --'.join(n.replace('_', '-') for n in RESUME_FREE)} may change): drop {flag}, "
+                "or start afresh with --overwrite"
+            )
+
+
+def checkpoint_bytes(model: nn.Module, cfg: RunConfig, model_bytes: int) -> int:
+    """A generous estimate of the checkpoint's peak size: every block's weights, two activation
+    streams twice over (the next state is written before the previous one is removed), masks and
+    the calibration windows."""
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
+    element = next(model.parameters()).element_size()
+    c = cfg.prune.calib
+    stream = c.nsamples * c.seqlen * int(hidden) * element
+    return int(model_bytes * 1.1) + 4 * stream + c.nsamples * c.seqlen * 8
+
+
+def _disk_error(e: OSError, rundir: RunDir | None, resumable: bool) -> PrunekitError:
+    """An OSError during the run (a full disk above all), as one line that says where and what next."""
+    where = str(rundir.final.parent) if rundir is not None else "the output directory"
+    space = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if space:
+        problem, fix = f"no space left on the disk of {where}", "free some space"
+    elif e.errno == errno.EROFS:
+        problem, fix = f"{where} is on a read-only file system", "make it writable"
+    else:
+        problem, fix = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""), "fix that"
+    if resumable and rundir is not None:
+        return PrunekitError(f"{problem}; the finished windows are kept: {fix}, then continue with `prunekit prune --resume {rundir.final}`")
+    return PrunekitError(f"{problem}; {fix}{' (or choose another --out)' if space else ''} and run again")
+
+
+def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) -> dict[str, Any]:
     """Run the whole job described by ``cfg`` and return its metrics (also written to ``cfg.out``).
 
     The run checkpoints after every window into its partial output directory; with ``resume`` it
-    continues an interrupted run there (``cfg`` should come from :func:`resume_config`).
+    continues an interrupted run there (``cfg`` should come from :func:`resume_config`). With
+    ``eval_fallback`` false, an evaluation corpus that cannot be found is an error instead of a
+    fallback to self-generated text (the CLI passes false when ``--eval`` was given).
+
+    Failures end as one :class:`PrunekitError` line: a full disk, a damaged checkpoint; an
+    interruption (``KeyboardInterrupt``) carries ``resume_dir`` when finished windows were kept.
     """
     sparsity = cfg.validate()
+    device = resolve_device(cfg.prune.device)  # an unavailable device is refused before any work
+    if cfg.prune.offload_dir:
+        probe_writable(Path(cfg.prune.offload_dir).expanduser(), "--offload-dir")
     t0 = time.perf_counter()
     rundir = RunDir(cfg.out, cfg.overwrite, resume=resume, resumable=True) if cfg.out else None
     checkpoint = None
-    if rundir is not None:
-        rundir.write_text("config.yaml", dump_yaml(cfg))
-        checkpoint = Checkpointer(rundir.path("checkpoint"), settings_fingerprint(cfg))
     try:
-        device = resolve_device(cfg.prune.device)
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code)
+        if rundir is not None:
+            rundir.write_text("config.yaml", dump_yaml(cfg))
+            checkpoint = Checkpointer(rundir.path("checkpoint"), settings_fingerprint(cfg))
+            if resume:
+                checkpoint.verify()  # a damaged checkpoint is reported now, not after loading the model
+    except OSError as e:
+        if rundir is not None and not resume:
+            rundir.discard()
+        raise _disk_error(e, rundir, resume) from None
+    try:
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
         load_s = time.perf_counter() - t0
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if rundir is not None:  # now the size is known: fail before the work if it cannot be saved
-            size = sum(p.numel() * p.element_size() for p in model.parameters())
-            rundir.check_space(int(size * 1.2))
-        sets = prepare_eval_sets(model, tokenizer, cfg, device)
+            have = checkpoint.size_on_disk() if checkpoint is not None else 0
+            rundir.check_space(int(model_bytes * 1.2) + max(checkpoint_bytes(model, cfg, model_bytes) - have, 0),
+                               "the run (its checkpoint and the saved model)")
+        sets = prepare_eval_sets(model, tokenizer, cfg, device, fallback=eval_fallback)
         model, report = prune(model, tokenizer, cfg.prune, checkpoint=checkpoint)
         t = time.perf_counter()
         results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device)
@@ -239,6 +334,7 @@ def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             metrics["reconstruction"] = reconstruction_metrics(report, device)
         if rundir is not None:
             t = time.perf_counter()
+            _make_room(rundir, checkpoint, int(model_bytes * 1.05))
             save_model(model, tokenizer, rundir.tmp)
             metrics["timing"]["save_s"] = time.perf_counter() - t
         metrics["timing"]["total_s"] = time.perf_counter() - t0
@@ -247,10 +343,12 @@ def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if rundir is not None:
             rundir.write_text("config.yaml", dump_yaml(cfg))
-            rundir.write_json("metrics.json", metrics)
             if report.units:
-                plot_unit_errors(report.units, rundir.path("unit_errors.png"))
-                metrics["plots"] = ["unit_errors.png"]
+                if plot_unit_errors(report.units, rundir.path("unit_errors.png")):
+                    metrics["plots"] = ["unit_errors.png"]
+                else:
+                    metrics["notes"].append("unit_errors.png was not drawn: matplotlib is not installed (pip install matplotlib)")
+            rundir.write_json("metrics.json", metrics)
             rundir.write_text("report.md", render_markdown(metrics))
             rundir.commit()
         for line in summary_lines(metrics):
@@ -259,9 +357,33 @@ def run_prune(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             log.info("saved to %s", rundir.final)
         return metrics
     except BaseException as e:
-        if rundir is not None:
-            if checkpoint is not None and checkpoint.has_state():  # finished windows are worth keeping
-                log.warning("the run stopped (%s); continue it with: prunekit prune --resume %s", type(e).__name__, rundir.final)
-            else:
-                rundir.discard()
+        kept = rundir is not None and checkpoint is not None and checkpoint.has_state() and not isinstance(e, CheckpointDamaged)
+        if rundir is not None and not kept and not isinstance(e, CheckpointDamaged):
+            rundir.discard()
+        if isinstance(e, KeyboardInterrupt):
+            e.resume_dir = str(rundir.final) if kept else None  # the CLI names it in its one line
+            raise
+        if isinstance(e, OSError):
+            raise _disk_error(e, rundir, kept) from None
+        if isinstance(e, PrunekitError) and kept and "--resume" not in str(e) and "--overwrite" not in str(e):
+            raise PrunekitError(f"{e} (the finished windows are kept: `prunekit prune --resume {rundir.final}` continues)") from None
+        if kept and not isinstance(e, PrunekitError):
+            log.warning("the run stopped (%s); continue it with: prunekit prune --resume %s", type(e).__name__, rundir.final)
         raise
+
+
+def _make_room(rundir: RunDir, checkpoint: Checkpointer | None, need: int) -> None:
+    """Check the disk again before the model is written; delete the checkpoint first if that makes room.
+
+    The checkpoint is kept through the save when there is room (an interruption then still resumes);
+    when only its deletion makes room, it goes (all windows are done, only the save is left).
+    """
+    free = rundir.free_bytes()
+    if free >= need:
+        return
+    ckpt = checkpoint.size_on_disk() if checkpoint is not None and checkpoint.has_state() else 0
+    if free + ckpt >= need:
+        log.info("deleting the checkpoint to make room for the saved model")
+        shutil.rmtree(checkpoint.dir, ignore_errors=True)
+        return
+    raise OSError(errno.ENOSPC, "No space left on device", str(rundir.tmp))
