@@ -51,6 +51,38 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, recon, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert report.per_layer == ref_report.per_layer
     assert len(report.units) == len(ref_report.units)
+    if recon != "lr":  # the guard's masks-only weights come back from the checkpoint: same verdicts
+        assert report.guard.end_to_end == ref_report.guard.end_to_end and report.guard.end_to_end["compared"]
+        assert report.guard.windows == ref_report.guard.windows
+
+
+def test_a_resumed_run_whose_guard_reverts_the_whole_run_ends_the_same(tmp_path, monkeypatch):
+    """The end-to-end revert needs every block's masks-only weights, also those saved before the stop."""
+    import prunekit.pipeline as pipeline
+
+    def worse_end_to_end(model, blocks, lr_states, e2e, g, mode):  # as if reconstruction were worse end to end
+        assert sorted(lr_states) == list(range(len(blocks)))
+        for j, state in lr_states.items():
+            pipeline.restore(blocks[j], state)
+        g.conclude(None, None, True, "forced by the test")
+
+    monkeypatch.setattr(pipeline, "_end_to_end", worse_end_to_end)
+    reference, _ = prunekit.prune(make_tiny_model("llama", layers=3), None, _cfg("br-gp", "wanda"), calib_ids=CALIB, progress=False)
+
+    def kill(k: int) -> None:
+        if k == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        prunekit.prune(make_tiny_model("llama", layers=3), None, _cfg("br-gp", "wanda"), calib_ids=CALIB,
+                       progress=False, checkpoint=Checkpointer(tmp_path, fingerprint="x"), on_window=kill)
+    resumed, _ = prunekit.prune(make_tiny_model("llama", layers=3), None, _cfg("br-gp", "wanda"), progress=False,
+                                checkpoint=Checkpointer(tmp_path, fingerprint="x"))
+    a, b = _state(reference), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.undo()
+    kept, _ = prunekit.prune(make_tiny_model("llama", layers=3), None, _cfg("br-gp", "wanda"), calib_ids=CALIB, progress=False)
+    assert not all(torch.equal(a[k], v) for k, v in _state(kept).items())  # the revert did change the model
 
 
 def test_checkpoint_with_other_settings_is_refused(tmp_path):

@@ -102,6 +102,7 @@ class Checkpointer:
         self.fingerprint = fingerprint  # the settings that must match on resume
         (self.dir / "blocks").mkdir(parents=True, exist_ok=True)
         self._block_files: dict[int, str] = {}
+        self._lr_files: dict[int, str] = {}  # masks-only weights of blocks, for the reconstruction guard
         self._tensor_file: str | None = None
 
     # ------------------------------------------------------------------ writing
@@ -117,12 +118,21 @@ class Checkpointer:
         streams: dict[str, torch.Tensor | None],
         masks: dict[int, dict[str, torch.Tensor]],
         report: dict[str, Any],
+        lr_states: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Record that windows up to ``window`` are done; ``blocks`` are the ones this window changed."""
+        """Record that windows up to ``window`` are done; ``blocks`` are the ones this window changed.
+
+        ``lr_states`` are the masks-only weights of this window's blocks (the guard compares the
+        reconstructed model with them at the end, so a resumed run must have them too).
+        """
         for j, block in blocks.items():
             name = f"blocks/{j}.w{window}.safetensors"
             _save_tensors({k: v for k, v in block.state_dict().items()}, self.dir / name)
             self._block_files[j] = name
+        for j, lr_state in (lr_states or {}).items():
+            name = f"blocks/{j}.lr.w{window}.safetensors"
+            _save_tensors(lr_state, self.dir / name)
+            self._lr_files[j] = name
         tensors: dict[str, torch.Tensor] = {f"stream/{k}": v for k, v in streams.items() if v is not None}
         mask_names: dict[str, list[str]] = {}
         for j, ms in masks.items():
@@ -137,6 +147,7 @@ class Checkpointer:
             "window": window,
             "pos": pos,
             "block_files": {str(j): f for j, f in self._block_files.items()},
+            "lr_files": {str(j): f for j, f in self._lr_files.items()},
             "tensor_file": tensor_file,
             "streams": [k for k, v in streams.items() if v is not None],
             "masks": mask_names,
@@ -144,7 +155,7 @@ class Checkpointer:
         }
         self._write_json(state, self.dir / STATE)
         self._tensor_file = tensor_file
-        keep = set(self._block_files.values())
+        keep = set(self._block_files.values()) | set(self._lr_files.values())
         for f in (self.dir / "blocks").glob("*.safetensors"):
             if f"blocks/{f.name}" not in keep:
                 f.unlink(missing_ok=True)
@@ -206,10 +217,11 @@ class Checkpointer:
             )
         try:
             block_files = {int(j): str(f) for j, f in state["block_files"].items()}
+            lr_files = {int(j): str(f) for j, f in state.get("lr_files", {}).items()}
             tensor_path = self.dir / state["tensor_file"]
             if not tensor_path.is_file():
                 raise FileNotFoundError(f"{state['tensor_file']} is missing")
-            for f in block_files.values():
+            for f in [*block_files.values(), *lr_files.values()]:
                 if not (self.dir / f).is_file():
                     raise FileNotFoundError(f"{f} is missing")
             tensors, _ = _load_tensors(tensor_path)
@@ -224,9 +236,11 @@ class Checkpointer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointDamaged(_damaged(path, e)) from None
         self._block_files = block_files
+        self._lr_files = lr_files
         self._tensor_file = state["tensor_file"]
         return {
             "fingerprint": fingerprint, "window": window, "pos": pos, "block_files": dict(block_files),
+            "lr_files": dict(lr_files),
             "streams": {"sparse": streams.get("sparse"), "dense": streams.get("dense")},
             "masks": masks, "report": report,
         }
@@ -236,7 +250,7 @@ class Checkpointer:
         state = self.load()
         if state is None:
             return
-        for name in set(self._block_files.values()):
+        for name in set(self._block_files.values()) | set(self._lr_files.values()):
             path = self.dir / name
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -244,8 +258,9 @@ class Checkpointer:
             except Exception as e:
                 raise CheckpointDamaged(_damaged(path, e)) from None
 
-    def block_state(self, j: int) -> dict[str, torch.Tensor]:
-        path = self.dir / self._block_files[j]
+    def block_state(self, j: int, lr: bool = False) -> dict[str, torch.Tensor]:
+        """Block ``j``'s saved weights (``lr``: its masks-only weights, when the guard saved them)."""
+        path = self.dir / (self._lr_files if lr else self._block_files)[j]
         try:
             tensors, _ = _load_tensors(path)
         except FileNotFoundError as e:

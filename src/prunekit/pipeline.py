@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer
 from .capture import Captured, capture, propagate, run_block, to_device
-from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity
+from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity, recon_label
 from .criteria import InputStats, make_criterion
 from .data import documents, sample_windows
 from .errors import PrunekitError
@@ -300,10 +300,11 @@ def prune(
         report.units = [UnitRecord(**u) for u in saved["units"]]
         recon_s = saved["recon_s"]
         if guard is not None:
+            lr_states = {j: checkpoint.block_state(j, lr=True) for j in state.get("lr_files", {})}
             guard.windows = list(saved.get("guard_windows", []))
             guard.seconds += saved.get("guard_s", 0.0)
         log.info("resuming after window %d of %d", start, len(plan))
-    desc = f"pruning ({settings.method}{', ' + rc.recon if rc.trains else ''})"
+    desc = f"pruning ({settings.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
     bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=start)
     for k, (lo, hi) in enumerate(plan):
         if k < start:
@@ -415,6 +416,7 @@ def prune(
                 {"per_layer": report.per_layer, "notes": report.notes, "units": [asdict(u) for u in report.units],
                  "recon_s": recon_s, "guard_windows": guard.windows if guard else [],
                  "guard_s": guard.seconds if guard else 0.0},
+                {j: lr_states[j] for j in idx if j in lr_states},
             )
         bar.update(1)
         if on_window is not None:
@@ -482,7 +484,7 @@ def _end_to_end(
     """Compare the reconstructed model with its masks-only weights end to end; revert the run if it is worse."""
     final = e2e.measure(model)
     if len(lr_states) < len(blocks):
-        guard.conclude(final, None, False, "the run was resumed, so the masks-only weights of earlier blocks are not at hand")
+        guard.conclude(final, None, False, "the masks-only weights of some blocks are missing")
         return
     kept = {j: snapshot(blocks[j]) for j in lr_states}
     for j, state in lr_states.items():
