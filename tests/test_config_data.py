@@ -345,3 +345,14 @@ def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
     f.write_text("lr: fast\n")
     with pytest.raises(PrunekitError, match="lr needs a number"):
         load_yaml(f, RunConfig())
+
+
+def test_unquoted_nm_sparsity_in_yaml_stays_nm(tmp_path):
+    """YAML 1.1 reads `2:4` as the base-60 integer 124; prunekit's loader keeps it as N:M."""
+    from prunekit.config import RunConfig, load_yaml
+
+    p = tmp_path / "c.yaml"
+    p.write_text("sparsity: 2:4\nnsamples: 8\n")
+    cfg = RunConfig()
+    load_yaml(p, cfg)
+    assert cfg.prune.sparsity.sparsity == "2:4" and cfg.prune.calib.nsamples == 8

@@ -529,13 +529,24 @@ def apply_mapping(cfg: Any, data: dict[str, Any]) -> set[str]:
     return names
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads an unquoted ``2:4`` as the base-60 integer 124; here ``N:M`` stays text."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [("tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$"))] + list(resolvers)
+    if first in "0123456789" else list(resolvers)
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_yaml(path: str | Path, cfg: Any) -> set[str]:
     """Apply the YAML file at ``path`` to ``cfg`` (every value type-checked); return the names it set."""
     p = Path(path)
     if not p.is_file():
         raise PrunekitError(f"config file {p} does not exist; give an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise PrunekitError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict):
