@@ -40,3 +40,16 @@ def test_windows_have_the_length_and_are_cached_per_setting(tmp_path):
     self_calibration(model, tok, 3, 10, seed=0, batch_size=3, cache_dir=str(tmp_path))
     self_calibration(model, tok, 3, 10, seed=1, batch_size=2, cache_dir=str(tmp_path))
     assert len(list((tmp_path / "selfgen").glob("*.pt"))) == 3
+
+
+def test_a_tokenizer_without_english_starts_is_one_clear_error(tmp_path):
+    import pytest
+
+    from prunekit.errors import PrunekitError
+
+    class DigitTokenizer(LetterTokenizer):
+        def decode(self, ids) -> str:
+            return "".join(str(int(i) % 10) for i in ids)
+
+    with pytest.raises(PrunekitError, match="--calib c4"):
+        self_calibration(make_tiny_model("llama"), DigitTokenizer(), 2, 8, seed=0, batch_size=2, cache_dir=str(tmp_path))

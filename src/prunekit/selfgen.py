@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import PrunekitError
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "PRUNEKIT_CACHE_DIR"
@@ -59,7 +61,10 @@ def _random_starts(model: nn.Module, tokenizer, count: int, gen: torch.Generator
     while len(starts) < count:
         tries += 1
         if tries > 200:
-            raise RuntimeError("could not draw English starts for self-generated calibration text")
+            raise PrunekitError(
+                "could not draw English-looking starts for self-generated calibration text with this tokenizer; "
+                "calibrate on a corpus instead (e.g. --calib c4) or give a .txt/.jsonl file to --calib"
+            )
         first = torch.randint(0, vocab, (max(64, 2 * (count - len(starts))), 1), generator=gen)
         keep = torch.tensor([int(t) not in special for t in first[:, 0]], dtype=torch.bool)
         first = first[keep].to(device)
