@@ -29,7 +29,7 @@ def main() -> None:
     ctx_dense = _load("dense-ctx256+1024")
     rows = []
     header = (
-        "| run | loss | WikiText-2 512 | C4 512 | WikiText-2 256 | WikiText-2 1024 | gap closed (WT2 512) | "
+        "| run | loss | WikiText-2 512 | C4 512 | WikiText-2 256 | WikiText-2 1024 | WT2 gap closed 512 / 256 / 1024 | "
         "windows reverted | end-to-end KL recon / masks-only | guard verdict | guard s / prune s |"
     )
     rows += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -42,11 +42,18 @@ def main() -> None:
         ctx = d.get("perplexity_by_seqlen", {})
         rec = d.get("reconstruction", {})
         g = rec.get("guard") or {}
-        loss = rec.get("settings", {}).get("loss", "-") if rec else "-"
-        gap = None
-        if lr and "-lr-" not in name:
+        is_lr = "-lr-" in name
+        loss = rec.get("settings", {}).get("loss", "-") if rec and not is_lr else "-"
+        gaps = []
+        if lr and not is_lr:
             lo = lr["perplexity"]["wikitext2"]
-            gap = (lo - ppl["wikitext2"]) / (lo - dense["wikitext2"])
+            gaps.append((lo - ppl["wikitext2"]) / (lo - dense["wikitext2"]))
+            lr_ctx = lr.get("perplexity_by_seqlen", {})
+            for k in ("256", "1024"):
+                if k in lr_ctx and k in ctx and ctx_dense:
+                    lo, d0 = lr_ctx[k]["ppl"], ctx_dense["perplexity_by_seqlen"][k]["ppl"]
+                    gaps.append((lo - ctx[k]["ppl"]) / (lo - d0))
+        gap = " / ".join(f"{g:.0%}" for g in gaps) if gaps else None
         e2e = g.get("end_to_end", {})
         kl = (
             f"{e2e['reconstructed']['kl']:.4f} / {e2e['masks_only']['kl']:.4f}" if e2e.get("compared") else "-"
@@ -57,7 +64,7 @@ def main() -> None:
         cost = f"{t['guard_s']:.0f} / {t['prune_s']:.0f}" if "guard_s" in t else "-"
         rows.append(
             f"| {name} | {loss} | {_f(ppl['wikitext2'])} | {_f(ppl['c4'])} | {_f(ctx.get('256', {}).get('ppl'))} | "
-            f"{_f(ctx.get('1024', {}).get('ppl'))} | {_f(gap, '{:.0%}')} | {reverted} | {kl} | {verdict} | {cost} |"
+            f"{_f(ctx.get('1024', {}).get('ppl'))} | {gap or '-'} | {reverted} | {kl} | {verdict} | {cost} |"
         )
     print(f"Dense: WikiText-2 {dense['wikitext2']:.2f} / C4 {dense['c4']:.2f} at 512 tokens", end="")
     if ctx_dense:
