@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import eval_text, eval_windows
 from .errors import PrunekitError
+from .families import Readout
 from .models import context_length
 
 _HEAD_CHUNK = 256  # positions per LM-head chunk
@@ -50,8 +51,7 @@ def window_losses(
 ) -> list[float]:
     """Mean next-token loss of each row of ``windows`` (``[n, seqlen]`` token ids)."""
     device = torch.device(device)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    readout = Readout(model, with_norm=False)
     model.to(device)
     losses: list[float] = []
     try:
@@ -61,9 +61,7 @@ def window_losses(
             total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
             for c in range(0, ids.shape[1] - 1, _HEAD_CHUNK):
                 h = hidden[:, c : min(c + _HEAD_CHUNK, ids.shape[1] - 1)]
-                logits = head(h).float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
+                logits = readout.logits(h)
                 target = ids[:, c + 1 : c + 1 + h.shape[1]]
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
                 total += nll.view(ids.shape[0], -1).sum(1).double()

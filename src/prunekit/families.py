@@ -192,18 +192,23 @@ class Readout(nn.Module):
     guard; it shares (does not copy) the model's own modules.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, with_norm: bool = True) -> None:
         super().__init__()
-        fam = family_for(model)
-        try:
-            self.norm = _get(model, fam.final_norm)
-        except AttributeError:
-            raise PrunekitError(f"this {fam.name}-family model has no {fam.final_norm}; see prunekit/families.py") from None
+        self.norm: nn.Module | None = None  # not needed for a model's last hidden state (already normed)
+        if with_norm:
+            fam = family_for(model)
+            try:
+                self.norm = _get(model, fam.final_norm)
+            except AttributeError:
+                raise PrunekitError(f"this {fam.name}-family model has no {fam.final_norm}; see prunekit/families.py") from None
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of hidden states that already passed the final norm (a model's last hidden state)."""
+        z = self.head(normed.to(self.head.weight.dtype)).float()
+        return torch.tanh(z / self.softcap) * self.softcap if self.softcap else z
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.norm(hidden))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        assert self.norm is not None, "built with_norm=False: use logits() on normed hidden states"
+        return self.logits(self.norm(hidden))

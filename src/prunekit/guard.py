@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import Readout
 from .losses import ErrorSums, kl_divergence
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,8 @@ class EndToEnd:
     @torch.no_grad()
     def _score(self, model: nn.Module, hidden: torch.Tensor) -> tuple[float, float]:
         """(mean KL to the dense distribution, mean next-token loss) of final hidden states ``hidden``."""
-        head = model.get_output_embeddings()
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        dtype = head.weight.dtype
-        head.to(self.device)
-
-        def logits(h: torch.Tensor) -> torch.Tensor:
-            z = head(h.to(self.device, dtype)).float()
-            return torch.tanh(z / softcap) * softcap if softcap else z
+        readout = Readout(model, with_norm=False).to(self.device)
+        logits = lambda h: readout.logits(h.to(self.device))  # noqa: E731
 
         kl = nll = 0.0
         count = 0
@@ -120,7 +115,7 @@ class EndToEnd:
                     nll += float(F.cross_entropy(z, ids[sl.start + 1 : sl.stop + 1], reduction="sum"))
                     count += sl.stop - sl.start
         finally:
-            head.to("cpu")
+            readout.to("cpu")
         return kl / max(count, 1), nll / max(count, 1)
 
     def measure(self, model: nn.Module) -> EndToEndResult:
