@@ -109,7 +109,8 @@ class ErrorSums:
     objective_tokens: int = 0
 
     @torch.no_grad()
-    def add(self, y: torch.Tensor, t: torch.Tensor, objective: Objective | None = None) -> None:
+    def add(self, y: torch.Tensor, t: torch.Tensor, objective: Objective | None = None, score: bool = True) -> None:
+        """Add a batch; ``objective`` sets the skipped positions and, with ``score``, is evaluated too."""
         yf, tf = _flat(y, t, objective.skip if objective else 0)
         e = ((yf - tf) ** 2).sum(-1)
         n = (tf**2).sum(-1)
@@ -120,7 +121,7 @@ class ErrorSums:
         if y.dim() >= 3:
             self.first_err += float(((y[:, 0].float() - t[:, 0].float()) ** 2).sum())
             self.first_target += float((t[:, 0].float() ** 2).sum())
-        if objective is not None and objective.kind != "mse":
+        if score and objective is not None and objective.kind != "mse":
             per = objective.per_token(y, t)
             self.objective += float(per.sum())
             self.objective_tokens += int(per.numel())

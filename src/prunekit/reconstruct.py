@@ -271,19 +271,28 @@ class UnitRecord:
     heldout_token_after: float | None = None
     first_token_share: float | None = None
 
+    def keep_before(self) -> None:
+        """The unit ends with its weights from before reconstruction: its errors are the ones before."""
+        self.calib_after, self.heldout_after = self.calib_before, self.heldout_before
+        self.calib_token_after, self.heldout_token_after = self.calib_token_before, self.heldout_token_before
+
 
 def measure(
     forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-    rows: torch.Tensor, batch_size: int, device: torch.device, objective: Objective | None = None,
+    rows: torch.Tensor, batch_size: int, device: torch.device, objective: Objective | None = None, score: bool = True,
 ) -> ErrorSums | None:
-    """The error measures of ``forward`` against ``targets`` over ``rows`` (None when there are none)."""
+    """The error measures of ``forward`` against ``targets`` over ``rows`` (None when there are none).
+
+    ``score=False`` skips evaluating the objective itself (only its skipped positions apply): the
+    training windows need only the error measures, and kd's LM head is not free.
+    """
     if len(rows) == 0:
         return None
     sums = ErrorSums()
     with torch.no_grad():
         for b in range(0, len(rows), batch_size):
             idx = rows[b : b + batch_size]
-            sums.add(forward(inputs[idx].to(device)), targets[idx].to(device), objective)
+            sums.add(forward(inputs[idx].to(device)), targets[idx].to(device), objective, score)
     return sums
 
 
@@ -326,22 +335,25 @@ def fit(
     unit had before reconstruction and says so in the record.
     """
     objective = objective or Objective("mse")
-    m = lambda rows: measure(unit.forward, inputs, targets, rows, batch_size, device, objective)  # noqa: E731
-    train0, held0 = m(train_rows), m(heldout_rows)
+    m = lambda rows, score=True: measure(unit.forward, inputs, targets, rows, batch_size, device, objective, score)  # noqa: E731
+    train0, held0 = m(train_rows, False), m(heldout_rows)
     record = UnitRecord(
         unit.name, train0.aggregate if train0 else 0.0, 0.0, held0.aggregate if held0 else None, None, loss=objective.kind,
         calib_token_before=train0.token if train0 else None, heldout_token_before=held0.token if held0 else None,
         first_token_share=held0.first_token_share if held0 else None,
     )
     if not cfg.trains:  # nothing to fit (LR): the errors are measured once
-        record.calib_after, record.heldout_after = record.calib_before, record.heldout_before
-        record.calib_token_after, record.heldout_token_after = record.calib_token_before, record.heldout_token_before
+        record.keep_before()
         return record
     crit_before = held0.criterion(objective) if held0 else None
     before = {id(mod): copy.deepcopy(mod.state_dict()) for mod in unit.modules}
     t0 = time.perf_counter()
     diverged = False
-    criterion = lambda rows: (lambda s: None if s is None else s.criterion(objective))(m(rows))  # noqa: E731
+
+    def criterion(rows: torch.Tensor) -> float | None:
+        sums = m(rows)
+        return None if sums is None else sums.criterion(objective)
+
     if cfg.solver == "lstsq":
         _lstsq(unit, masks, inputs, targets, train_rows, batch_size, device)
     elif cfg.epochs:
@@ -351,7 +363,7 @@ def fit(
             criterion, crit_before, objective,
         )
     record.seconds = time.perf_counter() - t0
-    train1, held1 = m(train_rows), m(heldout_rows)
+    train1, held1 = m(train_rows, False), m(heldout_rows)
     record.calib_after = train1.aggregate if train1 else 0.0
     record.calib_token_after = train1.token if train1 else None
     record.heldout_after = held1.aggregate if held1 else None
@@ -366,8 +378,7 @@ def fit(
         )
         record.note = f"{unit.name}: {why}; kept the weights from before reconstruction"
         log.warning("%s", record.note)
-        record.calib_after, record.heldout_after = record.calib_before, record.heldout_before
-        record.calib_token_after, record.heldout_token_after = record.calib_token_before, record.heldout_token_before
+        record.keep_before()
     return record
 
 
