@@ -30,7 +30,7 @@ import prunekit
 from prunekit.config import ReconConfig
 from prunekit.data import documents, sample_windows
 from prunekit.families import is_linear
-from prunekit.reconstruct import Point, Unit, fit
+from prunekit.reconstruct import FitData, Point, Unit, fit
 from recon_grid import dense_copy, write_json
 
 HERE = Path(__file__).parent
@@ -84,7 +84,7 @@ def main() -> None:
             ("mlp", [part.post_attention_layernorm, part.mlp], f_mlp, hs),
         ):
             unit, masks = _unit(name, modules, f)
-            rec = fit(unit, masks, x, yd, rows[:TRAIN], rows[TRAIN:], cfg, 1, torch.device("cpu"), seed=0)
+            rec = fit(unit, masks, FitData(x, yd, rows[:TRAIN], rows[TRAIN:], 1, torch.device("cpu")), cfg, seed=0)
             row[name] = {"heldout_before": rec.heldout_before, "heldout_after": rec.heldout_after,
                          "calib_after": rec.calib_after, "steps": rec.steps, "seconds": rec.seconds, "note": rec.note}
         print(json.dumps(row), flush=True)

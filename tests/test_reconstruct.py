@@ -12,7 +12,7 @@ from prunekit.config import PruneConfig
 from prunekit.families import discover, weight_matrix
 from prunekit.pipeline import windows
 from prunekit.config import ReconConfig
-from prunekit.reconstruct import Point, Unit, Window, _lstsq, build_units
+from prunekit.reconstruct import FitData, Point, Unit, Window, _lstsq, build_units
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 CALIB = random_ids(6, 16, seed=3)
@@ -143,7 +143,7 @@ def test_lstsq_matches_a_direct_solve_per_row():
     y = torch.randn(4, 10, 5)
     mask = torch.rand(5, 12) > 0.5
     unit = Unit("lin", [lin], {"lin": lin}, Point(lin), Point(lin, True), lin)
-    _lstsq(unit, {"lin": mask}, x, y, torch.arange(4), 2, torch.device("cpu"))
+    _lstsq(unit, {"lin": mask}, FitData(x, y, torch.arange(4), torch.arange(0), 2, torch.device("cpu")))
     xf = x.reshape(-1, 12).double()
     yf = y.reshape(-1, 5).double()
     for r in range(5):

@@ -19,9 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
-class _StopForward(Exception):
-    pass
+from .probe import StopAt
 
 
 class _Recorder(nn.Module):
@@ -53,62 +51,45 @@ class _Recorder(nn.Module):
             name = next(iter(inspect.signature(self.block.forward).parameters))
             hidden = kwargs.pop(name)
         self.sink.record(self.index, hidden, kwargs)
-        if self.index == self.sink.last:
-            raise _StopForward
         return hidden
 
 
 class _Sink:
-    def __init__(self, last: int) -> None:
-        self.last = last
+    def __init__(self) -> None:
         self.hidden: torch.Tensor | None = None
         self.kwargs: list[dict[str, Any]] = []
 
     def record(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         if index == 0:
             self.hidden = hidden.detach()
-        self.kwargs.append({k: _detach(v) for k, v in kwargs.items() if k not in _DROP})
+        self.kwargs.append({k: map_tensors(v, torch.Tensor.detach) for k, v in kwargs.items() if k not in _DROP})
 
 
 # keyword arguments that must not be replayed: caches belong to one generation pass
 _DROP = {"past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions"}
 
 
-def _detach(obj: Any) -> Any:
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``fn`` applied to every tensor inside nested tuples, lists and dicts (the one walker of such nests)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach()
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_detach(o) for o in obj)
+        return tuple(map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [_detach(o) for o in obj]
+        return [map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    return obj
-
-
-def _cut_batch(obj: Any, size: int, rows: int) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[:rows] if obj.dim() >= 2 and obj.shape[0] == size and size > 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(_cut_batch(o, size, rows) for o in obj)
-    if isinstance(obj, list):
-        return [_cut_batch(o, size, rows) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cut_batch(v, size, rows) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested tuples, lists and dicts."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device))
+
+
+def _cut_batch(obj: Any, size: int, rows: int) -> Any:
+    """Cut tensors whose first dimension is the captured batch ``size`` to ``rows``."""
+    return map_tensors(obj, lambda t: t[:rows] if t.dim() >= 2 and t.shape[0] == size and size > 1 else t)
 
 
 @dataclass
@@ -170,26 +151,25 @@ def capture(
     for m in stems:
         m.to(device)
     originals = list(blocks)
-    sink = _Sink(last=len(blocks) - 1)
+    sink = _Sink()
     for i, block in enumerate(originals):
         blocks[i] = _Recorder(block, i, sink)
     hidden: torch.Tensor | None = None
     kwargs: list[list[dict[str, Any]]] = []
     try:
-        for b in tqdm(range(0, input_ids.shape[0], batch_size), desc="capturing block inputs", disable=not progress):
-            sink.hidden, sink.kwargs = None, []
-            batch = input_ids[b : b + batch_size].to(device)
-            try:
-                model.base_model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-            if sink.hidden is None or len(sink.kwargs) != len(blocks):
-                raise RuntimeError("capture did not reach every block; the model calls its blocks in an unexpected way")
-            if hidden is None:
-                shape = (input_ids.shape[0], *sink.hidden.shape[1:])
-                hidden = (allocate or (lambda sh, dt: torch.empty(sh, dtype=dt)))(shape, sink.hidden.dtype)
-            hidden[b : b + batch.shape[0]] = sink.hidden.to("cpu")
-            kwargs.append([to_device(kw, "cpu") for kw in sink.kwargs])
+        # the pass ends once the last block has recorded its call: no block is computed, nor the LM head
+        with StopAt(blocks[len(blocks) - 1], post=True) as stop:
+            for b in tqdm(range(0, input_ids.shape[0], batch_size), desc="capturing block inputs", disable=not progress):
+                sink.hidden, sink.kwargs = None, []
+                batch = input_ids[b : b + batch_size].to(device)
+                stop.run(model.base_model, input_ids=batch, use_cache=False)
+                if sink.hidden is None or len(sink.kwargs) != len(blocks):
+                    raise RuntimeError("capture did not reach every block; the model calls its blocks in an unexpected way")
+                if hidden is None:
+                    shape = (input_ids.shape[0], *sink.hidden.shape[1:])
+                    hidden = (allocate or (lambda sh, dt: torch.empty(sh, dtype=dt)))(shape, sink.hidden.dtype)
+                hidden[b : b + batch.shape[0]] = sink.hidden.to("cpu")
+                kwargs.append([to_device(kw, "cpu") for kw in sink.kwargs])
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block

@@ -35,16 +35,17 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpointer
 from .capture import Captured, capture, propagate, run_block, to_device
 from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity, recon_label
-from .criteria import InputStats, make_criterion
+from .criteria import Criterion, InputStats, make_criterion
 from .data import documents, sample_windows
 from .errors import PrunekitError
-from .families import Readout, discover, weight_matrix
+from .families import Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot, token_error
 from .losses import Objective
 from .masks import check_layer, expected_fraction
 from .models import context_length
 from .owl import OwlResult, block_outlier_ratio, owl_sparsities
-from .reconstruct import Point, UnitRecord, Window, build_units, collect, fit
+from .probe import StopAt
+from .reconstruct import FitData, Point, UnitRecord, Window, build_units, collect, fit
 from .selfgen import self_calibration
 from .streams import StreamAllocator
 
@@ -119,10 +120,6 @@ class PruneReport:
         return asdict(self)
 
 
-class _StatsDone(Exception):
-    """Raised by the last statistics hook: nothing after the block's last linear input is needed."""
-
-
 def collect_stats(
     block: nn.Module,
     groups: list[list[str]],
@@ -140,25 +137,17 @@ def collect_stats(
     """
     stats: dict[str, InputStats] = {}
     handles = []
-    last = groups[-1][0]
     for group in groups:
-        first = linears[group[0]]
-        acc = InputStats(weight_matrix(first).shape[1], hessian, device)
+        acc = InputStats(weight_matrix(linears[group[0]]).shape[1], hessian, device)
         stats.update({name: acc for name in group})
-
-        def hook(_m: nn.Module, inp: tuple, acc: InputStats = acc, stop: bool = group[0] == last) -> None:
-            acc.add_batch(inp[0])
-            if stop:
-                raise _StatsDone
-
-        handles.append(first.register_forward_pre_hook(hook))
+    for group in groups[:-1]:
+        handles.append(linears[group[0]].register_forward_pre_hook(lambda _m, inp, acc=stats[group[0]]: acc.add_batch(inp[0])))
+    last = groups[-1][0]
     try:
-        for b in range(0, inputs.shape[0], batch_size):
-            x = inputs[b : b + batch_size].to(device)
-            try:
-                run_block(block, x, to_device(kwargs_for(x.shape[0]), device))
-            except _StatsDone:
-                pass
+        with StopAt(linears[last], observe=stats[last].add_batch) as stop:
+            for b in range(0, inputs.shape[0], batch_size):
+                x = inputs[b : b + batch_size].to(device)
+                stop.run(run_block, block, x, to_device(kwargs_for(x.shape[0]), device))
     finally:
         for h in handles:
             h.remove()
@@ -176,12 +165,109 @@ def windows(n_blocks: int, size: int, stride: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def _advance(blocks: list[nn.Module], indices: list[int], captured: Captured, stream: torch.Tensor, device: torch.device) -> None:
-    """Push ``stream`` in place through ``blocks`` (each moved to the device for its pass)."""
-    for block, j in zip(blocks, indices):
-        block.to(device)
-        propagate(block, j, captured, stream, device)
-        block.to("cpu")
+def _push(block: nn.Module, j: int, captured: Captured, stream: torch.Tensor, device: torch.device) -> None:
+    """Push ``stream`` in place through ``block`` (moved to the device for its pass)."""
+    block.to(device)
+    propagate(block, j, captured, stream, device)
+    block.to("cpu")
+
+
+@dataclass
+class _Run:
+    """What a run fixes at its start and every phase reads."""
+
+    layout: Layout
+    rc: ReconConfig
+    criterion: Criterion
+    device: torch.device
+    batch_size: int
+    captured: Captured | None
+    n: int  # calibration windows
+    n_held: int  # the last n_held of them are held out (reconstruction's criterion, the guard)
+    block_sparsity: list[Sparsity]
+    keep_dense: bool  # dense copies of the window's blocks are needed
+    objective: Objective
+    allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+    seed: int
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layout.blocks
+
+    @property
+    def prefix(self) -> str:
+        return self.layout.family.blocks
+
+    @property
+    def train_rows(self) -> torch.Tensor:
+        return torch.arange(self.n - self.n_held)
+
+    @property
+    def held_rows(self) -> torch.Tensor:
+        return torch.arange(self.n - self.n_held, self.n)
+
+    @property
+    def all_rows(self) -> torch.Tensor:
+        return torch.arange(self.n)
+
+
+@dataclass
+class RunState:
+    """What changes as windows finish: saved after every window, restored on resume.
+
+    The streams hold the input of block ``pos`` (``sparse``: through the pruned blocks; ``dense``:
+    through dense copies), ``dense`` the dense copies of blocks from ``pos`` on that are still
+    needed, ``masks`` the masks of blocks that windows may still change, ``lr_states`` the
+    masks-only weights of pruned blocks (for the guard's end-to-end check).
+    """
+
+    report: PruneReport
+    sparse: torch.Tensor | None
+    dense_stream: torch.Tensor | None
+    guard: GuardReport | None
+    window: int = 0  # the next window to run
+    pos: int = 0
+    dense: dict[int, nn.Module] = field(default_factory=dict)
+    masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    lr_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    recon_s: float = 0.0
+
+    def save(self, checkpoint: Checkpointer, k: int, changed: dict[int, nn.Module]) -> None:
+        """Record that window ``k`` is finished; ``changed`` are the blocks it pruned or reconstructed."""
+        guard = self.guard
+        checkpoint.save(
+            k, self.pos, changed, {"sparse": self.sparse, "dense": self.dense_stream}, self.masks,
+            {"per_layer": self.report.per_layer, "notes": self.report.notes,
+             "units": [asdict(u) for u in self.report.units], "recon_s": self.recon_s,
+             "guard_windows": guard.windows if guard else [], "guard_s": guard.seconds if guard else 0.0},
+            {j: self.lr_states[j] for j in changed if j in self.lr_states},
+        )
+        self.window = k + 1
+
+    def restore(self, checkpoint: Checkpointer, blocks: nn.ModuleList, keep_dense: bool) -> bool:
+        """Continue from the checkpoint's last state (``blocks`` are still the original ones); False if none."""
+        state = checkpoint.load()
+        if state is None:
+            return False
+        self.window, self.pos = state["window"] + 1, state["pos"]
+        for j in state["block_files"]:  # finished blocks from the checkpoint, dense copies from the original
+            if keep_dense and j >= self.pos:
+                self.dense[j] = copy.deepcopy(blocks[j])
+            blocks[j].load_state_dict(checkpoint.block_state(j))
+        if self.sparse is not None:
+            self.sparse.copy_(state["streams"]["sparse"])
+        if self.dense_stream is not None:
+            self.dense_stream.copy_(state["streams"]["dense"])
+        self.masks = state["masks"]
+        saved = state["report"]
+        self.report.per_layer, self.report.notes = saved["per_layer"], saved["notes"]
+        self.report.units = [UnitRecord(**u) for u in saved["units"]]
+        self.recon_s = saved["recon_s"]
+        if self.guard is not None:
+            self.lr_states = {j: checkpoint.block_state(j, lr=True) for j in state.get("lr_files", {})}
+            self.guard.windows = list(saved.get("guard_windows", []))
+            self.guard.seconds += saved.get("guard_s", 0.0)
+        return True
 
 
 @torch.no_grad()
@@ -202,6 +288,55 @@ def prune(
     is called after window ``k`` is finished and checkpointed.
     """
     config = config or PruneConfig()
+    t_prune = time.perf_counter()
+    run, state, streams, e2e = _start(model, tokenizer, config, calib_ids, progress, checkpoint)
+    rc, report = run.rc, state.report
+    if checkpoint is not None and state.restore(checkpoint, run.blocks, run.keep_dense):
+        log.info("resuming after window %d of %d", state.window, len(windows(len(run.blocks), rc.window, rc.stride)))
+    plan = windows(len(run.blocks), rc.window, rc.stride)
+    desc = f"pruning ({config.sparsity.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
+    bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=state.window)
+    for k, (lo, hi) in enumerate(plan):
+        if k < state.window:
+            continue
+        idx = list(range(lo, hi))
+        _advance(run, state, lo)
+        win = _open_window(run, state, idx)
+        _choose_masks(run, state, win, idx)
+        if rc.trains or rc.measures:
+            _reconstruct(run, state, win, idx, k)
+        _verify(run, state, idx)
+        if checkpoint is not None:
+            state.save(checkpoint, k, {j: run.blocks[j] for j in idx})
+        bar.update(1)
+        if on_window is not None:
+            on_window(k)
+    bar.close()
+    streams.close()
+    if state.guard is not None:
+        t = time.perf_counter()
+        _end_to_end(model, run.blocks, state.lr_states, e2e, state.guard, rc.guard)
+        state.guard.seconds += time.perf_counter() - t
+        report.guard = state.guard
+        report.timing["guard_s"] = state.guard.seconds
+        (log.info if not state.guard.end_to_end.get("worse") else log.warning)("%s", state.guard.summary)
+    report.timing["prune_s"] = time.perf_counter() - t_prune - report.timing.get("calib_s", 0.0)
+    if rc.trains or rc.measures:
+        report.timing["recon_s"] = state.recon_s
+    zeros = sum(round(f * _numel(model, name)) for name, f in report.per_layer.items())
+    total = sum(_numel(model, name) for name in report.per_layer)
+    report.overall = zeros / max(total, 1)
+    report.pruned_params = total
+    if getattr(run.criterion, "dampings", None) and max(run.criterion.dampings) > config.sparsity.percdamp:
+        report.notes.append(f"SparseGPT raised damping to {max(run.criterion.dampings):g} for some layers")
+    return model, report
+
+
+def _start(
+    model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None, progress: bool,
+    checkpoint: Checkpointer | None,
+) -> tuple[_Run, RunState, StreamAllocator, EndToEnd | None]:
+    """Validate the settings, calibrate, capture block 0's inputs, and set up the run's fixed parts and state."""
     sparsity = config.validate()
     rc: ReconConfig = config.recon.validate()
     device = resolve_device(config.device)
@@ -239,207 +374,166 @@ def prune(
             raise PrunekitError("a held-out part needs at least 2 calibration windows; raise --nsamples or use --holdout 0")
         n_held = min(max(1, round(n * rc.holdout)), n - 1)
     report.heldout_windows = n_held
-
-    t_prune = time.perf_counter()
     guarded = rc.trains and rc.guard != "off" and n_held > 0
     if rc.trains and rc.guard != "off" and n_held == 0:
         report.notes.append("the reconstruction guard is off: it needs held-out calibration windows (--holdout > 0)")
     # the guard compares each window's output with the dense model's at the same point
     needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global" or guarded)
     # streams kept at once: sparse, dense, a unit's inputs and targets (when reconstructing); files
-    # of memory-mapped streams go when the allocator is closed below or garbage-collected
+    # of memory-mapped streams go when the allocator is closed or garbage-collected
     streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1)
-    train_rows = torch.arange(n - n_held)
-    held_rows = torch.arange(n - n_held, n)
-    all_rows = torch.arange(n)
     bs = config.batch_size
-    alloc = streams.empty
-    captured = capture(model, layout.blocks, calib_ids, bs, device, progress, alloc) if needs_streams else None
+    captured = capture(model, layout.blocks, calib_ids, bs, device, progress, streams.empty) if needs_streams else None
     sparse = captured.hidden if captured is not None else None
-    dense_stream = streams.like(sparse) if needs_dense_stream else None
-    keep_dense = rc.trains or rc.measures or (rc.window > 1 and rc.recompute_masks)
-    prefix = layout.family.blocks
-    blocks = layout.blocks
-    dense: dict[int, nn.Module] = {}
-    masks: dict[int, dict[str, torch.Tensor]] = {}
-    pos = 0  # the streams hold the input of block `pos`
-    recon_s = 0.0
-    plan = windows(len(blocks), rc.window, rc.stride)
-    start = 0
-    block_sparsity = [sparsity] * len(blocks)
+    run = _Run(
+        layout=layout, rc=rc, criterion=criterion, device=device, batch_size=bs, captured=captured, n=n, n_held=n_held,
+        block_sparsity=[sparsity] * len(layout.blocks),
+        keep_dense=rc.trains or rc.measures or (rc.window > 1 and rc.recompute_masks),
+        objective=Objective(rc.loss, rc.loss_skip, _readout(model, device) if rc.loss == "kd" and rc.trains else None),
+        allocate=streams.empty, seed=config.calib.seed,
+    )
+    state = RunState(
+        report=report, sparse=sparse, dense_stream=streams.like(sparse) if needs_dense_stream else None,
+        guard=GuardReport(rc.guard) if guarded else None,
+    )
     if settings.owl:  # dense pre-pass: block outlier ratios, then block sparsities (Yin et al. 2023)
         t = time.perf_counter()
-        ratios = _outlier_ratios(layout, captured, sparse, train_rows, bs, device, settings.owl_m, streams)
-        sizes = [sum(weight_matrix(m).numel() for m in layout.block_linears(j).values()) for j in range(len(blocks))]
+        ratios = _outlier_ratios(layout, captured, sparse, run.train_rows, bs, device, settings.owl_m, streams)
+        sizes = [sum(weight_matrix(m).numel() for m in layout.block_linears(j).values()) for j in range(len(layout.blocks))]
         fractions = owl_sparsities(ratios, sizes, sparsity.fraction, settings.owl_lambda)
-        block_sparsity = [Sparsity(fraction=f) for f in fractions]
+        run.block_sparsity = [Sparsity(fraction=f) for f in fractions]
         report.owl = OwlResult(settings.owl_m, settings.owl_lambda, ratios, fractions)
         report.timing["owl_s"] = time.perf_counter() - t
-    guard = GuardReport(rc.guard) if guarded else None
-    lr_states: dict[int, dict[str, torch.Tensor]] = {}  # masks-only weights of each pruned block (guard)
     e2e = None
     if guarded:  # the dense reference, before any block changes (on resume, model is still the original)
         t = time.perf_counter()
-        e2e = EndToEnd(model, calib_ids[held_rows], bs, device)
-        guard.seconds += time.perf_counter() - t
-    objective = Objective(rc.loss, rc.loss_skip, _readout(model, device) if rc.loss == "kd" and rc.trains else None)
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None:  # resume: finished blocks from the checkpoint, dense copies from the original
-        start, pos = state["window"] + 1, state["pos"]
-        for j in state["block_files"]:
-            if keep_dense and j >= pos:
-                dense[j] = copy.deepcopy(blocks[j])
-            blocks[j].load_state_dict(checkpoint.block_state(j))
-        if sparse is not None:
-            sparse.copy_(state["streams"]["sparse"])
-        if dense_stream is not None:
-            dense_stream.copy_(state["streams"]["dense"])
-        masks = state["masks"]
-        saved = state["report"]
-        report.per_layer, report.notes = saved["per_layer"], saved["notes"]
-        report.units = [UnitRecord(**u) for u in saved["units"]]
-        recon_s = saved["recon_s"]
-        if guard is not None:
-            lr_states = {j: checkpoint.block_state(j, lr=True) for j in state.get("lr_files", {})}
-            guard.windows = list(saved.get("guard_windows", []))
-            guard.seconds += saved.get("guard_s", 0.0)
-        log.info("resuming after window %d of %d", start, len(plan))
-    desc = f"pruning ({settings.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
-    bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=start)
-    for k, (lo, hi) in enumerate(plan):
-        if k < start:
+        e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device)
+        state.guard.seconds += time.perf_counter() - t
+    return run, state, streams, e2e
+
+
+def _advance(run: _Run, state: RunState, lo: int) -> None:
+    """Phase 1: push the streams to the window's first block; blocks before it are final."""
+    while state.pos < lo:
+        j = state.pos
+        if state.sparse is not None:
+            _push(run.blocks[j], j, run.captured, state.sparse, run.device)
+        if state.dense_stream is not None:
+            _push(state.dense[j], j, run.captured, state.dense_stream, run.device)
+        state.dense.pop(j, None)
+        state.masks.pop(j, None)
+        state.pos += 1
+
+
+def _open_window(run: _Run, state: RunState, idx: list[int]) -> Window | None:
+    """The window's blocks (and their dense copies, made when first needed) on the device."""
+    for j in idx:
+        if run.keep_dense and j not in state.dense:
+            state.dense[j] = copy.deepcopy(run.blocks[j])
+        run.blocks[j].to(run.device)
+        if j in state.dense:
+            state.dense[j].to(run.device)
+    if run.captured is None:
+        return None
+    return Window([run.blocks[j] for j in idx], idx, run.captured, run.device)
+
+
+def _choose_masks(run: _Run, state: RunState, win: Window | None, idx: list[int]) -> None:
+    """Phase 2: masks (and, for SparseGPT, new kept weights) for every block of the window not yet pruned.
+
+    With ``recompute_masks``, blocks pruned by an earlier window are pruned again from their
+    original weights, on the inputs the window now sees.
+    """
+    layout, criterion, lo, n_train = run.layout, run.criterion, idx[0], run.n - run.n_held
+    for j in idx:
+        if j in state.masks and not run.rc.recompute_masks:
             continue
-        while pos < lo:  # advance the streams; blocks before the window are final
-            if sparse is not None:
-                _advance([blocks[pos]], [pos], captured, sparse, device)
-            if dense_stream is not None:
-                _advance([dense[pos]], [pos], captured, dense_stream, device)
-            dense.pop(pos, None)
-            masks.pop(pos, None)
-            pos += 1
-        idx = list(range(lo, hi))
-        for j in idx:
-            if keep_dense and j not in dense:
-                dense[j] = copy.deepcopy(blocks[j])
-            blocks[j].to(device)
-            if j in dense:
-                dense[j].to(device)
-        win = Window([blocks[j] for j in idx], idx, captured, device) if captured is not None else None
-        for j in idx:  # choose masks
-            if j in masks and not rc.recompute_masks:
-                continue
-            if j in masks:  # recompute from the original weights, on the inputs the window now sees
-                blocks[j].load_state_dict(dense[j].state_dict())
-            linears = layout.block_linears(j)
-            stats: dict[str, InputStats] = {}
-            if criterion.needs_inputs:
-                x = sparse[: n - n_held] if j == lo else collect(
-                    Window(win.blocks[: j - lo], idx[: j - lo], captured, device), sparse, Point(win.blocks[j - lo - 1], post=True),
-                    train_rows, bs,
-                )
-                stats = collect_stats(
-                    blocks[j], layout.input_groups(j), linears, x,
-                    lambda rows, j=j: captured.kwargs_for(j, rows), bs, device, criterion.needs_hessian,
-                )
-            masks[j] = {}
-            criterion.sparsity = block_sparsity[j]
-            for group in layout.input_groups(j):  # linears sharing an input are pruned together
-                ws = [weight_matrix(linears[name]) for name in group]
-                for name, w, (new, mask) in zip(group, ws, criterion.prune_group(ws, stats.get(group[0]))):
-                    w.copy_(new)
-                    masks[j][f"{prefix}.{j}.{name}"] = mask
-            for acc in set(stats.values()):
-                acc.free()
-        if rc.trains or rc.measures:  # reconstruct the window's units
-            t = time.perf_counter()
-            dwin = Window([dense[j] for j in idx], idx, captured, device)
-            if guard is not None:  # the window's masks-only weights and their held-out error
-                tg = time.perf_counter()
-                snap = {j: snapshot(blocks[j]) for j in idx}
-                reference = collect(dwin, dense_stream, Point(dwin.blocks[-1], post=True), held_rows, bs)
-                err_lr = token_error(collect(win, sparse, Point(win.blocks[-1], post=True), held_rows, bs), reference)
-                guard.seconds += time.perf_counter() - tg
-            window_masks = {k: v for j in idx for k, v in masks[j].items()}
-            for unit, dunit in zip(
-                build_units(layout, win, rc.granularity, prefix), build_units(layout, dwin, rc.granularity, prefix)
-            ):
-                if rc.inputs == "sparse":
-                    inputs = collect(win, sparse, unit.input, all_rows, bs, alloc)
-                else:
-                    inputs = collect(dwin, dense_stream, dunit.input, all_rows, bs, alloc)
-                if rc.targets == "global":
-                    targets = collect(dwin, dense_stream, dunit.output, all_rows, bs, alloc)
-                else:
-                    targets = _apply(dunit.forward, inputs, bs, device, alloc)
-                record = fit(
-                    unit, window_masks, inputs, targets, train_rows, held_rows,
-                    rc,
-                    bs, device, config.calib.seed * 100_003 + lo, objective,
-                )
-                report.units.append(record)
-                if record.note:
-                    report.notes.append(record.note)
-                del inputs, targets
-            if guard is not None:  # the window's verdict: reconstructed vs masks-only, per token
-                tg = time.perf_counter()
-                err_rec = token_error(collect(win, sparse, Point(win.blocks[-1], post=True), held_rows, bs), reference)
-                worse = not err_rec <= err_lr
-                if worse and rc.guard == "revert":
-                    for j in idx:
-                        restore(blocks[j], snap[j])
-                if worse:
-                    log.warning(
-                        "guard: window %s is worse than masks-only on held-out per-token error (%.4g vs %.4g)%s",
-                        idx, err_rec, err_lr, "; reverted" if rc.guard == "revert" else "",
-                    )
-                guard.windows.append({"window": k, "blocks": idx, "lr": err_lr, "recon": err_rec, "worse": worse,
-                                      "reverted": worse and rc.guard == "revert"})
-                lr_states.update(snap)
-                del reference, snap
-                guard.seconds += time.perf_counter() - tg
-            recon_s += time.perf_counter() - t
-        for j in idx:  # verify every linear of the window, after any reconstruction
-            for name, linear in layout.block_linears(j).items():
-                full = f"{prefix}.{j}.{name}"
-                w = weight_matrix(linear)
-                mask = masks[j][full].to(w.device)
-                report.per_layer[full] = check_layer(
-                    full, w, mask, block_sparsity[j],
-                    expected_fraction(tuple(w.shape), block_sparsity[j], criterion.expected_scope()),
-                )
-            blocks[j].to("cpu")
-            if j in dense:
-                dense[j].to("cpu")
-        if checkpoint is not None:
-            checkpoint.save(
-                k, pos, {j: blocks[j] for j in idx}, {"sparse": sparse, "dense": dense_stream}, masks,
-                {"per_layer": report.per_layer, "notes": report.notes, "units": [asdict(u) for u in report.units],
-                 "recon_s": recon_s, "guard_windows": guard.windows if guard else [],
-                 "guard_s": guard.seconds if guard else 0.0},
-                {j: lr_states[j] for j in idx if j in lr_states},
+        if j in state.masks:
+            run.blocks[j].load_state_dict(state.dense[j].state_dict())
+        linears = layout.block_linears(j)
+        stats: dict[str, InputStats] = {}
+        if criterion.needs_inputs:
+            x = state.sparse[:n_train] if j == lo else collect(
+                Window(win.blocks[: j - lo], idx[: j - lo], run.captured, run.device), state.sparse,
+                Point(win.blocks[j - lo - 1], post=True), run.train_rows, run.batch_size,
             )
-        bar.update(1)
-        if on_window is not None:
-            on_window(k)
-    bar.close()
-    streams.close()
-    if guard is not None:
-        t = time.perf_counter()
-        _end_to_end(model, blocks, lr_states, e2e, guard, rc.guard)
-        guard.seconds += time.perf_counter() - t
-        report.guard = guard
-        report.timing["guard_s"] = guard.seconds
-        (log.info if not guard.end_to_end.get("worse") else log.warning)("%s", guard.summary)
-    report.timing["prune_s"] = time.perf_counter() - t_prune
-    if rc.trains or rc.measures:
-        report.timing["recon_s"] = recon_s
-    zeros = sum(round(f * _numel(model, name)) for name, f in report.per_layer.items())
-    total = sum(_numel(model, name) for name in report.per_layer)
-    report.overall = zeros / max(total, 1)
-    report.pruned_params = total
-    if getattr(criterion, "dampings", None) and max(criterion.dampings) > settings.percdamp:
-        report.notes.append(f"SparseGPT raised damping to {max(criterion.dampings):g} for some layers")
-    return model, report
+            stats = collect_stats(
+                run.blocks[j], layout.input_groups(j), linears, x,
+                lambda rows, j=j: run.captured.kwargs_for(j, rows), run.batch_size, run.device, criterion.needs_hessian,
+            )
+        state.masks[j] = {}
+        criterion.sparsity = run.block_sparsity[j]
+        for group in layout.input_groups(j):  # linears sharing an input are pruned together
+            ws = [weight_matrix(linears[name]) for name in group]
+            for name, w, (new, mask) in zip(group, ws, criterion.prune_group(ws, stats.get(group[0]))):
+                w.copy_(new)
+                state.masks[j][f"{run.prefix}.{j}.{name}"] = mask
+        for acc in set(stats.values()):
+            acc.free()
+
+
+def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int) -> None:
+    """Phase 3: fit the window's units with masks fixed; then the guard's per-window verdict."""
+    t = time.perf_counter()
+    rc, bs, guard = run.rc, run.batch_size, state.guard
+    dwin = Window([state.dense[j] for j in idx], idx, run.captured, run.device)
+    if guard is not None:  # the window's masks-only weights and their held-out error
+        tg = time.perf_counter()
+        snap = {j: snapshot(run.blocks[j]) for j in idx}
+        reference = collect(dwin, state.dense_stream, Point(dwin.blocks[-1], post=True), run.held_rows, bs)
+        err_lr = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference)
+        guard.seconds += time.perf_counter() - tg
+    window_masks = {name: m for j in idx for name, m in state.masks[j].items()}
+    units = zip(build_units(run.layout, win, rc.granularity, run.prefix), build_units(run.layout, dwin, rc.granularity, run.prefix))
+    for unit, dunit in units:
+        if rc.inputs == "sparse":
+            inputs = collect(win, state.sparse, unit.input, run.all_rows, bs, run.allocate)
+        else:
+            inputs = collect(dwin, state.dense_stream, dunit.input, run.all_rows, bs, run.allocate)
+        if rc.targets == "global":
+            targets = collect(dwin, state.dense_stream, dunit.output, run.all_rows, bs, run.allocate)
+        else:
+            targets = _apply(dunit.forward, inputs, bs, run.device, run.allocate)
+        data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device)
+        record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective)
+        state.report.units.append(record)
+        if record.note:
+            state.report.notes.append(record.note)
+        del inputs, targets, data
+    if guard is not None:  # the window's verdict: reconstructed vs masks-only, per token
+        tg = time.perf_counter()
+        err_rec = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference)
+        worse = not err_rec <= err_lr
+        if worse and rc.guard == "revert":
+            for j in idx:
+                restore(run.blocks[j], snap[j])
+        if worse:
+            log.warning(
+                "guard: window %s is worse than masks-only on held-out per-token error (%.4g vs %.4g)%s",
+                idx, err_rec, err_lr, "; reverted" if rc.guard == "revert" else "",
+            )
+        guard.windows.append({"window": k, "blocks": idx, "lr": err_lr, "recon": err_rec, "worse": worse,
+                              "reverted": worse and rc.guard == "revert"})
+        state.lr_states.update(snap)
+        del reference, snap
+        guard.seconds += time.perf_counter() - tg
+    state.recon_s += time.perf_counter() - t
+
+
+def _verify(run: _Run, state: RunState, idx: list[int]) -> None:
+    """Phase 4: check every linear of the window against its mask and sparsity; blocks back to the CPU."""
+    scope = run.criterion.expected_scope()
+    for j in idx:
+        for name, linear in run.layout.block_linears(j).items():
+            full = f"{run.prefix}.{j}.{name}"
+            w = weight_matrix(linear)
+            mask = state.masks[j][full].to(w.device)
+            state.report.per_layer[full] = check_layer(
+                full, w, mask, run.block_sparsity[j], expected_fraction(tuple(w.shape), run.block_sparsity[j], scope),
+            )
+        run.blocks[j].to("cpu")
+        if j in state.dense:
+            state.dense[j].to("cpu")
 
 
 @torch.no_grad()

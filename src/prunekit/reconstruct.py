@@ -31,6 +31,7 @@ from .capture import Captured, run_block, to_device
 from .config import ReconConfig
 from .families import Conv1D, Layout, is_linear, weight_matrix
 from .losses import ErrorSums, Objective
+from .probe import value_at
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ class Point:
 
     module: nn.Module | None
     post: bool = False
-
-
-class _Probe(Exception):
-    def __init__(self, value: torch.Tensor) -> None:
-        self.value = value
-
-
-def _raise_value(value: Any) -> None:
-    raise _Probe(value[0] if isinstance(value, (tuple, list)) else value)
 
 
 def _like(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,17 +75,7 @@ class Window:
         """Run the window on ``x`` until ``point`` and return the value there."""
         if point.module is None:
             return x
-        if point.post:
-            handle = point.module.register_forward_hook(lambda _m, _i, out: _raise_value(out))
-        else:
-            handle = point.module.register_forward_pre_hook(lambda _m, inp: _raise_value(inp))
-        try:
-            self.run(x)
-        except _Probe as p:
-            return _like(p.value, x)
-        finally:
-            handle.remove()
-        raise RuntimeError("the probed point was not reached in the window's forward pass")
+        return _like(value_at(point.module, point.post, self.run, x), x)
 
 
 @torch.no_grad()
@@ -130,15 +112,8 @@ class Unit:
 
 
 def _attn_forward(window: Window, pos: int, mid_norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    def f(x: torch.Tensor) -> torch.Tensor:
-        handle = mid_norm.register_forward_pre_hook(lambda _m, inp: _raise_value(inp))
-        try:
-            run_block(window.blocks[pos], x, window.kwargs(pos, x.shape[0]))
-        except _Probe as p:
-            return _like(p.value, x)
-        finally:
-            handle.remove()
-        raise RuntimeError("the mid norm was not reached in the block's forward pass")
+    def f(x: torch.Tensor) -> torch.Tensor:  # the residual stream is the mid norm's input
+        return _like(value_at(mid_norm, False, run_block, window.blocks[pos], x, window.kwargs(pos, x.shape[0])), x)
 
     return f
 
@@ -314,20 +289,35 @@ def _unit_flops(unit: Unit, tokens: int) -> float:
     return 3.0 * sum(2.0 * tokens * w.numel() for w in (weight_matrix(m) for m in unit.linears.values()))
 
 
+@dataclass
+class FitData:
+    """What one unit's reconstruction reads: its inputs and targets (``[n, ...]`` on CPU, in RAM or
+    memory-mapped), which rows it trains on and which it holds out, and where and in what batches
+    it computes."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    train_rows: torch.Tensor
+    heldout_rows: torch.Tensor
+    batch_size: int
+    device: torch.device
+
+    def measure(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, objective: Objective | None = None,
+        score: bool = True,
+    ) -> ErrorSums | None:
+        return measure(forward, self.inputs, self.targets, rows, self.batch_size, self.device, objective, score)
+
+
 def fit(
     unit: Unit,
     masks: dict[str, torch.Tensor],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    train_rows: torch.Tensor,
-    heldout_rows: torch.Tensor,
+    data: FitData,
     cfg: ReconConfig,
-    batch_size: int,
-    device: torch.device,
     seed: int,
     objective: Objective | None = None,
 ) -> UnitRecord:
-    """Adapt the unit's kept weights so ``unit(inputs) ≈ targets``; masks stay fixed.
+    """Adapt the unit's kept weights so ``unit(data.inputs) ≈ data.targets``; masks stay fixed.
 
     AdamW (betas 0.9/0.95, no weight decay), linear decay to zero, shuffled batches drawn with
     ``seed`` (Rethinking paper, Appendix A), minimising ``objective`` (default: plain MSE). A
@@ -335,7 +325,8 @@ def fit(
     unit had before reconstruction and says so in the record.
     """
     objective = objective or Objective("mse")
-    m = lambda rows, score=True: measure(unit.forward, inputs, targets, rows, batch_size, device, objective, score)  # noqa: E731
+    m = lambda rows, score=True: data.measure(unit.forward, rows, objective, score)  # noqa: E731
+    train_rows, heldout_rows = data.train_rows, data.heldout_rows
     train0, held0 = m(train_rows, False), m(heldout_rows)
     record = UnitRecord(
         unit.name, train0.aggregate if train0 else 0.0, 0.0, held0.aggregate if held0 else None, None, loss=objective.kind,
@@ -355,13 +346,9 @@ def fit(
         return None if sums is None else sums.criterion(objective)
 
     if cfg.solver == "lstsq":
-        _lstsq(unit, masks, inputs, targets, train_rows, batch_size, device)
+        _lstsq(unit, masks, data)
     elif cfg.epochs:
-        step_batch = cfg.recon_batch_size or batch_size
-        diverged = _adam(
-            unit, masks, inputs, targets, train_rows, heldout_rows, cfg, step_batch, device, seed, record,
-            criterion, crit_before, objective,
-        )
+        diverged = _adam(unit, masks, data, cfg, seed, objective, record, criterion, crit_before)
     record.seconds = time.perf_counter() - t0
     train1, held1 = m(train_rows, False), m(heldout_rows)
     record.calib_after = train1.aggregate if train1 else 0.0
@@ -420,12 +407,15 @@ def _adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer
 
 
 def _adam(
-    unit: Unit, masks: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-    train_rows: torch.Tensor, heldout_rows: torch.Tensor, cfg: ReconConfig, batch_size: int,
-    device: torch.device, seed: int, record: UnitRecord, criterion: Callable[[torch.Tensor], float | None],
-    crit_before: float | None, objective: Objective,
+    unit: Unit, masks: dict[str, torch.Tensor], data: FitData, cfg: ReconConfig, seed: int, objective: Objective,
+    record: UnitRecord, criterion: Callable[[torch.Tensor], float | None], crit_before: float | None,
 ) -> bool:
-    """Gradient descent on the unit; returns True when the loss stopped being finite."""
+    """Gradient descent on the unit (steps of ``cfg.recon_batch_size`` windows, else the run's batch
+    size); returns True when the loss stopped being finite."""
+    inputs, targets, train_rows, heldout_rows, device = (
+        data.inputs, data.targets, data.train_rows, data.heldout_rows, data.device
+    )
+    batch_size = cfg.recon_batch_size or data.batch_size
     lin_items = list(unit.linears.items())
     if cfg.lora_rank:
         for name, lin in lin_items:
@@ -514,15 +504,15 @@ def _adam(
 
 
 @torch.no_grad()
-def _lstsq(
-    unit: Unit, masks: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-    train_rows: torch.Tensor, batch_size: int, device: torch.device,
-) -> None:
+def _lstsq(unit: Unit, masks: dict[str, torch.Tensor], data: FitData) -> None:
     """Exact least squares of a linear with its mask fixed: per output row, ``H_SS w_S = b_S``.
 
     ``H = X^T X`` and ``b = X^T Y`` over the training tokens (with a column of ones when the layer
     has a bias); a 1e-6 relative ridge keeps ``H_SS`` invertible. The convex baseline of the papers.
     """
+    inputs, targets, train_rows, batch_size, device = (
+        data.inputs, data.targets, data.train_rows, data.batch_size, data.device
+    )
     ((name, lin),) = unit.linears.items()
     w = weight_matrix(lin)
     bias = getattr(lin, "bias", None)
