@@ -220,13 +220,15 @@ def test_checkpoint_holds_no_pickle(tmp_path):
     ckpt = Checkpointer(tmp_path, "x")
     block = torch.nn.Linear(4, 4)
     ckpt.save_calibration(torch.zeros(2, 3, dtype=torch.long))
-    ckpt.save(0, 1, {0: block}, {"sparse": torch.ones(2, 3, 4), "dense": None},
-              {0: {"layers.0.q": torch.ones(4, 4, dtype=torch.bool)}},
-              {"per_layer": {"a": 0.5}, "notes": [], "units": [], "recon_s": 0.0})
+    ckpt.save(0, 1, {0: block}, {1: block}, {1: {"layers.1.q": torch.ones(4, 4, dtype=torch.bool)}},
+              {"per_layer": {"a": 0.5}, "notes": [], "units": [], "recon_s": 0.0},
+              streams={"sparse": torch.ones(2, 3, 4), "dense": None})
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["0.w0.safetensors", "calibration.safetensors", "state.json", "tensors.w0.safetensors"]
+    assert files == ["0.safetensors", "1.w0.safetensors", "calibration.safetensors", "state.json", "streams.w0.safetensors",
+                     "tensors.w0.safetensors"]
     state = Checkpointer(tmp_path, "x").load()
-    assert state["masks"][0]["layers.0.q"].dtype == torch.bool and state["streams"]["dense"] is None
+    assert state["masks"][1]["layers.1.q"].dtype == torch.bool and state["streams"]["dense"] is None
+    assert state["streams"]["pos"] == 1 and torch.equal(state["streams"]["sparse"], torch.ones(2, 3, 4))
     assert torch.equal(Checkpointer(tmp_path, "x").calibration(), torch.zeros(2, 3, dtype=torch.long))
 
 

@@ -31,8 +31,13 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("recon", "method"), [("lr", "sparsegpt"), ("br-gp", "wanda"), ("br-gp-cr", "magnitude")])
-def test_killed_run_resumes_to_the_same_model(tmp_path, recon, method):
+@pytest.mark.parametrize(("recon", "method", "every"), [
+    ("lr", "sparsegpt", 10.0), ("br-gp", "wanda", 10.0), ("br-gp-cr", "magnitude", 10.0), ("br-gp-cr", "wanda", 0.0),
+    ("br-gp", "sparsegpt", 0.0),
+])
+def test_killed_run_resumes_to_the_same_model(tmp_path, recon, method, every):
+    """``every`` 10 minutes: no streams are saved in so short a run, the resumed run replays them from
+    block 0's inputs; 0: they are saved after every window."""
     reference, ref_report = prunekit.prune(make_tiny_model("llama", layers=3), None, _cfg(recon, method), calib_ids=CALIB, progress=False)
 
     def kill_after_second_window(k: int) -> None:
@@ -40,9 +45,13 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, recon, method):
             raise Killed
 
     ckpt = Checkpointer(tmp_path, fingerprint="x")
+    cfg = _cfg(recon, method)
+    cfg.checkpoint_every = every
     with pytest.raises(Killed):
-        prunekit.prune(make_tiny_model("llama", layers=3), None, _cfg(recon, method), calib_ids=CALIB,
+        prunekit.prune(make_tiny_model("llama", layers=3), None, cfg, calib_ids=CALIB,
                        progress=False, checkpoint=ckpt, on_window=kill_after_second_window)
+    saved = sorted(p.name for p in tmp_path.glob("streams.*"))
+    assert saved == (["streams.w1.safetensors"] if every == 0 else [])
     finished = []
     resumed, report = prunekit.prune(make_tiny_model("llama", layers=3), None, _cfg(recon, method), progress=False,
                                      checkpoint=Checkpointer(tmp_path, fingerprint="x"), on_window=finished.append)
@@ -54,6 +63,48 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, recon, method):
     if recon != "lr":  # the guard's masks-only weights come back from the checkpoint: same verdicts
         assert report.guard.end_to_end == ref_report.guard.end_to_end and report.guard.end_to_end["compared"]
         assert report.guard.windows == ref_report.guard.windows
+
+
+@pytest.mark.parametrize("recon", ["br-gp", "br-gp-cr"])
+def test_streams_saved_windows_ago_are_replayed_through_the_finished_blocks(tmp_path, recon):
+    """Streams saved after window 0 only; the run stops after window 2 of 4 (5 for cross-block
+    windows), and the resumed run replays the streams from block 1 through the finished blocks."""
+    cfg = _cfg(recon, "sparsegpt")
+    reference, ref_report = prunekit.prune(make_tiny_model("llama", layers=4), None, cfg, calib_ids=CALIB, progress=False)
+
+    def kill_at(n: int):
+        def on_window(k: int) -> None:
+            if k == n:
+                raise Killed
+        return on_window
+
+    cfg.checkpoint_every = 0.0
+    with pytest.raises(Killed):
+        prunekit.prune(make_tiny_model("llama", layers=4), None, cfg, calib_ids=CALIB, progress=False,
+                       checkpoint=Checkpointer(tmp_path, fingerprint="x"), on_window=kill_at(0))
+    cfg.checkpoint_every = 10.0
+    with pytest.raises(Killed):
+        prunekit.prune(make_tiny_model("llama", layers=4), None, cfg, progress=False,
+                       checkpoint=Checkpointer(tmp_path, fingerprint="x"), on_window=kill_at(2))
+    state = Checkpointer(tmp_path, fingerprint="x").load()
+    assert state["window"] == 2 and state["streams"]["pos"] == 0 and state["pos"] == (2 if recon == "br-gp" else 1)
+    resumed, report = prunekit.prune(make_tiny_model("llama", layers=4), None, cfg, progress=False,
+                                     checkpoint=Checkpointer(tmp_path, fingerprint="x"))
+    a, b = _state(reference), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [u.heldout_after for u in report.units] == [u.heldout_after for u in ref_report.units]
+    assert report.guard.windows == ref_report.guard.windows
+
+
+def test_checkpoint_writes_each_block_once_and_counts_its_bytes(tmp_path):
+    cfg = _cfg("br-gp", "wanda")
+    model = make_tiny_model("llama", layers=4)
+    block_bytes = sum(t.numel() * t.element_size() for t in model.model.layers[0].state_dict().values())
+    _, report = prunekit.prune(model, None, cfg, calib_ids=CALIB, progress=False, checkpoint=Checkpointer(tmp_path, "x"))
+    # four final blocks and their masks-only copies for the guard, no streams: about 8 blocks' bytes
+    assert 8 * block_bytes < report.checkpoint_bytes < 8 * block_bytes + 100_000
+    assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == sorted(
+        [f"{j}.safetensors" for j in range(4)] + [f"{j}.lr.safetensors" for j in range(4)])
 
 
 def test_a_resumed_run_whose_guard_reverts_the_whole_run_ends_the_same(tmp_path, monkeypatch):

@@ -1,14 +1,23 @@
 """Checkpoints of a pruning run, so that an interrupted run continues where it stopped.
 
-After every finished window the run writes what it cannot cheaply recompute: the weights of every
-block it changed (one file per block and window, ``blocks/J.wK.safetensors``), the activation
-streams at the next block and the masks of blocks that later windows still touch
-(``tensors.wK.safetensors``), and the report so far. ``state.json`` names the files that belong to
-it and is replaced atomically last, so a crash at any moment leaves the previous consistent
-checkpoint. The calibration windows are saved once (``calibration.safetensors``). Everything else
-(block inputs' keyword arguments, dense copies of blocks) is rebuilt from the model on resume. Unit
-seeds are derived from the settings and the window, never from global random state, so a resumed
-run ends with the same model as an uninterrupted one.
+What is written, and how often, is chosen so that a checkpoint costs about the model's own size,
+not a multiple of it growing with every block (a 7B model's two activation streams at 256 x 1024
+tokens are 8.6 GB, and writing them after each of 32 blocks was most of a run's I/O):
+
+- a block's weights once, when it is *final* (no later window changes it): ``blocks/J.safetensors``,
+  and, with the reconstruction guard, its masks-only weights ``blocks/J.lr.safetensors``;
+- after every window, the blocks that later windows still change (the overlap of cross-block
+  windows) and their masks, ``blocks/J.wK.safetensors`` and ``tensors.wK.safetensors`` (small);
+- the activation streams at most every ``checkpoint_every`` minutes (``streams.wK.safetensors``).
+  On resume the streams are replayed from the last saved ones (or from block 0's inputs, captured
+  again) through the finished blocks, which gives the very tensors the interrupted run had: the same
+  blocks on the same batches, so a resumed run ends with the same model bit for bit.
+
+``state.json`` names the files that belong to the state and is replaced atomically last, so a crash
+at any moment leaves the previous consistent checkpoint. The calibration windows are saved once
+(``calibration.safetensors``). Block inputs' keyword arguments and dense copies of blocks are
+rebuilt from the model on resume. Unit seeds are derived from the settings and the window, never
+from global random state. The bytes written are counted (``bytes_written``, kept across resumes).
 
 Nothing here is ever unpickled: tensors are safetensors files and everything else is JSON, so a
 checkpoint replaced by a hostile file can at worst be refused as damaged, never run code. A file
@@ -32,7 +41,7 @@ from .errors import PrunekitError
 
 STATE = "state.json"
 CALIBRATION = "calibration.safetensors"
-FORMAT = 2  # 1 was pickled state.pt (never read: unpickling can run code)
+FORMAT = 3  # 1 was pickled state.pt (never read: unpickling can run code); 2 saved streams after every window
 
 
 class CheckpointDamaged(PrunekitError):
@@ -101,67 +110,81 @@ class Checkpointer:
         self.dir = Path(directory)
         self.fingerprint = fingerprint  # the settings that must match on resume
         (self.dir / "blocks").mkdir(parents=True, exist_ok=True)
-        self._block_files: dict[int, str] = {}
-        self._lr_files: dict[int, str] = {}  # masks-only weights of blocks, for the reconstruction guard
-        self._tensor_file: str | None = None
+        self._final: dict[int, str] = {}  # block -> file of its final weights
+        self._final_lr: dict[int, str] = {}  # block -> its masks-only weights (reconstruction guard)
+        self._streams: dict[str, Any] | None = None  # {"file", "pos", "names"} of the last saved streams
+        self._pending: dict[int, str] = {}  # blocks later windows still change (as loaded)
+        self.bytes_written = 0
 
     # ------------------------------------------------------------------ writing
 
+    def _write(self, tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str] | None = None) -> str:
+        _save_tensors(tensors, self.dir / name, metadata)
+        self.bytes_written += (self.dir / name).stat().st_size
+        return name
+
     def save_calibration(self, ids: torch.Tensor) -> None:
-        _save_tensors({"input_ids": ids}, self.dir / CALIBRATION, {"fingerprint": self.fingerprint})
+        self._write({"input_ids": ids}, CALIBRATION, {"fingerprint": self.fingerprint})
 
     def save(
         self,
         window: int,
         pos: int,
-        blocks: dict[int, nn.Module],
-        streams: dict[str, torch.Tensor | None],
+        final: dict[int, nn.Module],
+        pending: dict[int, nn.Module],
         masks: dict[int, dict[str, torch.Tensor]],
         report: dict[str, Any],
         lr_states: dict[int, dict[str, torch.Tensor]] | None = None,
+        streams: dict[str, torch.Tensor | None] | None = None,
     ) -> None:
-        """Record that windows up to ``window`` are done; ``blocks`` are the ones this window changed.
+        """Record that windows up to ``window`` are done, the streams being at the input of block ``pos``.
 
-        ``lr_states`` are the masks-only weights of this window's blocks (the guard compares the
-        reconstructed model with them at the end, so a resumed run must have them too).
+        ``final`` are blocks no later window changes (written once each, with their masks-only
+        weights ``lr_states`` for the guard); ``pending`` are blocks later windows still change,
+        with ``masks`` (the masks of pending blocks). ``streams`` (sparse and dense, at ``pos``)
+        are written when given; otherwise the state keeps the last saved ones.
         """
-        for j, block in blocks.items():
-            name = f"blocks/{j}.w{window}.safetensors"
-            _save_tensors({k: v for k, v in block.state_dict().items()}, self.dir / name)
-            self._block_files[j] = name
+        for j, block in final.items():
+            if j not in self._final:
+                self._final[j] = self._write(dict(block.state_dict()), f"blocks/{j}.safetensors")
         for j, lr_state in (lr_states or {}).items():
-            name = f"blocks/{j}.lr.w{window}.safetensors"
-            _save_tensors(lr_state, self.dir / name)
-            self._lr_files[j] = name
-        tensors: dict[str, torch.Tensor] = {f"stream/{k}": v for k, v in streams.items() if v is not None}
+            if j not in self._final_lr:
+                self._final_lr[j] = self._write(lr_state, f"blocks/{j}.lr.safetensors")
+        pending_files = {j: self._write(dict(b.state_dict()), f"blocks/{j}.w{window}.safetensors") for j, b in pending.items()}
+        tensors: dict[str, torch.Tensor] = {}
         mask_names: dict[str, list[str]] = {}
         for j, ms in masks.items():
             mask_names[str(j)] = list(ms)
             for i, m in enumerate(ms.values()):
                 tensors[f"mask/{j}/{i}"] = m
-        tensor_file = f"tensors.w{window}.safetensors"
-        _save_tensors(tensors, self.dir / tensor_file)
+        tensor_file = self._write(tensors, f"tensors.w{window}.safetensors")
+        if streams is not None:
+            kept = {k: v for k, v in streams.items() if v is not None}
+            self._streams = {"file": self._write({f"stream/{k}": v for k, v in kept.items()}, f"streams.w{window}.safetensors"),
+                             "pos": pos, "names": list(kept)}
         state = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
             "window": window,
             "pos": pos,
-            "block_files": {str(j): f for j, f in self._block_files.items()},
-            "lr_files": {str(j): f for j, f in self._lr_files.items()},
+            "final": {str(j): f for j, f in self._final.items()},
+            "final_lr": {str(j): f for j, f in self._final_lr.items()},
+            "pending": {str(j): f for j, f in pending_files.items()},
             "tensor_file": tensor_file,
-            "streams": [k for k, v in streams.items() if v is not None],
+            "streams": self._streams,
             "masks": mask_names,
             "report": report,
         }
         self._write_json(state, self.dir / STATE)
-        self._tensor_file = tensor_file
-        keep = set(self._block_files.values()) | set(self._lr_files.values())
+        self.bytes_written += (self.dir / STATE).stat().st_size
+        keep = {*self._final.values(), *self._final_lr.values(), *pending_files.values()}
         for f in (self.dir / "blocks").glob("*.safetensors"):
             if f"blocks/{f.name}" not in keep:
                 f.unlink(missing_ok=True)
-        for f in self.dir.glob("tensors.w*.safetensors"):
-            if f.name != tensor_file:
-                f.unlink(missing_ok=True)
+        for pattern, current in (("tensors.w*.safetensors", tensor_file), ("streams.w*.safetensors", (self._streams or {}).get("file"))):
+            for f in self.dir.glob(pattern):
+                if f.name != current:
+                    f.unlink(missing_ok=True)
 
     @staticmethod
     def _write_json(obj: Any, path: Path) -> None:
@@ -195,7 +218,11 @@ class Checkpointer:
         return tensors["input_ids"]
 
     def load(self) -> dict[str, Any] | None:
-        """The last consistent state, or None when there is none for these settings."""
+        """The last consistent state, or None when there is none for these settings.
+
+        ``final``/``final_lr``/``pending`` name block files (read them with :meth:`block_state`);
+        ``streams`` is ``{"pos": P, "sparse": ..., "dense": ...}`` or None when none were saved.
+        """
         path = self.dir / STATE
         if not path.is_file():
             if (self.dir / "state.pt").is_file():
@@ -207,7 +234,7 @@ class Checkpointer:
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(state, dict) or state.get("format") != FORMAT:
-                raise ValueError("not a prunekit checkpoint")
+                raise ValueError("not a checkpoint of this prunekit version")
             fingerprint = state["fingerprint"]
         except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
             raise CheckpointDamaged(_damaged(path, e)) from None
@@ -216,33 +243,37 @@ class Checkpointer:
                 f"the checkpoint in {self.dir} was made with other settings; resume with the run's own config.yaml"
             )
         try:
-            block_files = {int(j): str(f) for j, f in state["block_files"].items()}
-            lr_files = {int(j): str(f) for j, f in state.get("lr_files", {}).items()}
-            tensor_path = self.dir / state["tensor_file"]
-            if not tensor_path.is_file():
-                raise FileNotFoundError(f"{state['tensor_file']} is missing")
-            for f in [*block_files.values(), *lr_files.values()]:
+            final = {int(j): str(f) for j, f in state["final"].items()}
+            final_lr = {int(j): str(f) for j, f in state["final_lr"].items()}
+            pending = {int(j): str(f) for j, f in state["pending"].items()}
+            saved_streams = state["streams"]
+            files = [state["tensor_file"], *final.values(), *final_lr.values(), *pending.values()]
+            if saved_streams is not None:
+                files.append(saved_streams["file"])
+            for f in files:
                 if not (self.dir / f).is_file():
                     raise FileNotFoundError(f"{f} is missing")
-            tensors, _ = _load_tensors(tensor_path)
-            streams = {k: tensors[f"stream/{k}"] for k in state["streams"]}
+            tensors, _ = _load_tensors(self.dir / state["tensor_file"])
             masks = {
                 int(j): {name: tensors[f"mask/{j}/{i}"] for i, name in enumerate(names)}
                 for j, names in state["masks"].items()
             }
+            streams = None
+            if saved_streams is not None:
+                st, _ = _load_tensors(self.dir / saved_streams["file"])
+                streams = {"pos": int(saved_streams["pos"]), "sparse": None, "dense": None,
+                           **{k: st[f"stream/{k}"] for k in saved_streams["names"]}}
             window, pos, report = int(state["window"]), int(state["pos"]), state["report"]
+            self.bytes_written = int(report.get("checkpoint_bytes", 0))
         except CheckpointDamaged:
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointDamaged(_damaged(path, e)) from None
-        self._block_files = block_files
-        self._lr_files = lr_files
-        self._tensor_file = state["tensor_file"]
+        self._final, self._final_lr, self._streams = final, final_lr, saved_streams
+        self._pending = pending
         return {
-            "fingerprint": fingerprint, "window": window, "pos": pos, "block_files": dict(block_files),
-            "lr_files": dict(lr_files),
-            "streams": {"sparse": streams.get("sparse"), "dense": streams.get("dense")},
-            "masks": masks, "report": report,
+            "fingerprint": fingerprint, "window": window, "pos": pos, "final": dict(final), "final_lr": dict(final_lr),
+            "pending": dict(pending), "streams": streams, "masks": masks, "report": report,
         }
 
     def verify(self) -> None:
@@ -250,7 +281,7 @@ class Checkpointer:
         state = self.load()
         if state is None:
             return
-        for name in set(self._block_files.values()) | set(self._lr_files.values()):
+        for name in {*self._final.values(), *self._final_lr.values(), *self._pending.values()}:
             path = self.dir / name
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -258,9 +289,11 @@ class Checkpointer:
             except Exception as e:
                 raise CheckpointDamaged(_damaged(path, e)) from None
 
-    def block_state(self, j: int, lr: bool = False) -> dict[str, torch.Tensor]:
-        """Block ``j``'s saved weights (``lr``: its masks-only weights, when the guard saved them)."""
-        path = self.dir / (self._lr_files if lr else self._block_files)[j]
+    def block_state(self, j: int, kind: str = "final") -> dict[str, torch.Tensor]:
+        """Block ``j``'s saved weights: ``final``, ``pending`` (changed by later windows) or ``lr``
+        (its masks-only weights, saved for the reconstruction guard)."""
+        files = {"final": self._final, "pending": self._pending, "lr": self._final_lr}[kind]
+        path = self.dir / files[j]
         try:
             tensors, _ = _load_tensors(path)
         except FileNotFoundError as e:

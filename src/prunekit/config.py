@@ -298,6 +298,7 @@ class PruneConfig:
     device: str = "auto"
     offload: str = "auto"  # activation streams: ram | disk (memory-mapped) | auto (disk when RAM is short)
     offload_dir: str | None = None  # where memory-mapped streams go (default: the system temp dir)
+    checkpoint_every: float = 10.0  # minutes between checkpoints of the activation streams (0: every window); finished blocks are checkpointed at once
 
     def validate(self) -> Sparsity:
         self.calib.validate()
@@ -306,6 +307,8 @@ class PruneConfig:
             raise PrunekitError("batch-size must be at least 1")
         if self.offload not in ("auto", "ram", "disk"):
             raise PrunekitError(f"unknown offload {self.offload!r}; choose auto, ram or disk")
+        if not self.checkpoint_every >= 0:
+            raise PrunekitError(f"--checkpoint-every must be 0 or more minutes, not {self.checkpoint_every}")
         return self.sparsity.validate()
 
 

@@ -104,6 +104,7 @@ class PruneReport:
     heldout_windows: int = 0
     guard: GuardReport | None = None  # the reconstruction guard's measurements and verdict
     owl: OwlResult | None = None  # OWL's outlier ratios and block sparsities
+    checkpoint_bytes: int = 0  # bytes the run's checkpoint wrote (across resumes)
 
     def error_summary(self) -> dict[str, float | None]:
         """Mean normalised error over units, before and after reconstruction, calibration and held-out."""
@@ -231,42 +232,81 @@ class RunState:
     masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     lr_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     recon_s: float = 0.0
+    streams_saved_at: float = field(default_factory=time.perf_counter)  # when streams were last checkpointed
 
-    def save(self, checkpoint: Checkpointer, k: int, changed: dict[int, nn.Module]) -> None:
-        """Record that window ``k`` is finished; ``changed`` are the blocks it pruned or reconstructed."""
+    def save(self, checkpoint: Checkpointer, k: int, blocks: nn.ModuleList, idx: list[int], next_lo: int,
+             every_s: float) -> None:
+        """Record that window ``k`` (blocks ``idx``) is finished; blocks below ``next_lo`` are final.
+
+        The streams are written only when ``every_s`` seconds have passed since they last were (0:
+        after every window): a resumed run replays them through the finished blocks instead.
+        """
+        now = time.perf_counter()
+        with_streams = now - self.streams_saved_at >= every_s
         guard = self.guard
+        final = [j for j in idx if j < next_lo]
         checkpoint.save(
-            k, self.pos, changed, {"sparse": self.sparse, "dense": self.dense_stream}, self.masks,
-            {"per_layer": self.report.per_layer, "notes": self.report.notes,
-             "units": [asdict(u) for u in self.report.units], "recon_s": self.recon_s,
-             "guard_windows": guard.windows if guard else [], "guard_s": guard.seconds if guard else 0.0},
-            {j: self.lr_states[j] for j in changed if j in self.lr_states},
+            k, self.pos,
+            final={j: blocks[j] for j in final},
+            pending={j: blocks[j] for j in idx if j >= next_lo},
+            masks={j: m for j, m in self.masks.items() if j >= next_lo},
+            report={"per_layer": self.report.per_layer, "notes": self.report.notes,
+                    "units": [asdict(u) for u in self.report.units], "recon_s": self.recon_s,
+                    "guard_windows": guard.windows if guard else [], "guard_s": guard.seconds if guard else 0.0,
+                    "checkpoint_bytes": checkpoint.bytes_written},
+            lr_states={j: self.lr_states[j] for j in final if j in self.lr_states},
+            streams={"sparse": self.sparse, "dense": self.dense_stream} if with_streams else None,
         )
+        if with_streams:
+            self.streams_saved_at = time.perf_counter()
         self.window = k + 1
 
-    def restore(self, checkpoint: Checkpointer, blocks: nn.ModuleList, keep_dense: bool) -> bool:
-        """Continue from the checkpoint's last state (``blocks`` are still the original ones); False if none."""
+    def restore(self, checkpoint: Checkpointer, blocks: nn.ModuleList, keep_dense: bool, captured: Captured | None,
+                device: torch.device) -> bool:
+        """Continue from the checkpoint's last state (``blocks`` are still the original ones); False if none.
+
+        The streams come back from the last saved ones (or block 0's inputs, just captured again)
+        pushed through the finished blocks in between, exactly as the interrupted run pushed them:
+        the dense stream through each block's original weights, then the sparse one through its
+        final weights.
+        """
         state = checkpoint.load()
         if state is None:
             return False
         self.window, self.pos = state["window"] + 1, state["pos"]
-        for j in state["block_files"]:  # finished blocks from the checkpoint, dense copies from the original
-            if keep_dense and j >= self.pos:
-                self.dense[j] = copy.deepcopy(blocks[j])
-            blocks[j].load_state_dict(checkpoint.block_state(j))
-        if self.sparse is not None:
-            self.sparse.copy_(state["streams"]["sparse"])
-        if self.dense_stream is not None:
-            self.dense_stream.copy_(state["streams"]["dense"])
+        saved = state["streams"]
+        start = 0
+        if saved is not None:
+            start = saved["pos"]
+            if self.sparse is not None:
+                self.sparse.copy_(saved["sparse"])
+            if self.dense_stream is not None:
+                self.dense_stream.copy_(saved["dense"])
+        for j in sorted(state["final"]):
+            if j < start:
+                blocks[j].load_state_dict(checkpoint.block_state(j))
+            elif j < self.pos:  # replay the streams through it
+                if self.dense_stream is not None:
+                    _push(blocks[j], j, captured, self.dense_stream, device)
+                blocks[j].load_state_dict(checkpoint.block_state(j))
+                if self.sparse is not None:
+                    _push(blocks[j], j, captured, self.sparse, device)
+        for kind in ("final", "pending"):  # blocks the streams have not passed: dense copies from the original
+            for j in state[kind]:
+                if j >= self.pos:
+                    if keep_dense:
+                        self.dense[j] = copy.deepcopy(blocks[j])
+                    blocks[j].load_state_dict(checkpoint.block_state(j, kind))
         self.masks = state["masks"]
-        saved = state["report"]
-        self.report.per_layer, self.report.notes = saved["per_layer"], saved["notes"]
-        self.report.units = [UnitRecord(**u) for u in saved["units"]]
-        self.recon_s = saved["recon_s"]
+        saved_report = state["report"]
+        self.report.per_layer, self.report.notes = saved_report["per_layer"], saved_report["notes"]
+        self.report.units = [UnitRecord(**u) for u in saved_report["units"]]
+        self.recon_s = saved_report["recon_s"]
         if self.guard is not None:
-            self.lr_states = {j: checkpoint.block_state(j, lr=True) for j in state.get("lr_files", {})}
-            self.guard.windows = list(saved.get("guard_windows", []))
-            self.guard.seconds += saved.get("guard_s", 0.0)
+            self.lr_states = {j: checkpoint.block_state(j, "lr") for j in state["final_lr"]}
+            self.guard.windows = list(saved_report.get("guard_windows", []))
+            self.guard.seconds += saved_report.get("guard_s", 0.0)
+        self.streams_saved_at = time.perf_counter()
         return True
 
 
@@ -291,9 +331,9 @@ def prune(
     t_prune = time.perf_counter()
     run, state, streams, e2e = _start(model, tokenizer, config, calib_ids, progress, checkpoint)
     rc, report = run.rc, state.report
-    if checkpoint is not None and state.restore(checkpoint, run.blocks, run.keep_dense):
-        log.info("resuming after window %d of %d", state.window, len(windows(len(run.blocks), rc.window, rc.stride)))
     plan = windows(len(run.blocks), rc.window, rc.stride)
+    if checkpoint is not None and state.restore(checkpoint, run.blocks, run.keep_dense, run.captured, run.device):
+        log.info("resuming after window %d of %d", state.window, len(plan))
     desc = f"pruning ({config.sparsity.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
     bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=state.window)
     for k, (lo, hi) in enumerate(plan):
@@ -307,7 +347,8 @@ def prune(
             _reconstruct(run, state, win, idx, k)
         _verify(run, state, idx)
         if checkpoint is not None:
-            state.save(checkpoint, k, {j: run.blocks[j] for j in idx})
+            next_lo = plan[k + 1][0] if k + 1 < len(plan) else len(run.blocks)
+            state.save(checkpoint, k, run.blocks, idx, next_lo, config.checkpoint_every * 60)
         bar.update(1)
         if on_window is not None:
             on_window(k)
@@ -321,6 +362,8 @@ def prune(
         report.timing["guard_s"] = state.guard.seconds
         (log.info if not state.guard.end_to_end.get("worse") else log.warning)("%s", state.guard.summary)
     report.timing["prune_s"] = time.perf_counter() - t_prune - report.timing.get("calib_s", 0.0)
+    if checkpoint is not None:
+        report.checkpoint_bytes = checkpoint.bytes_written
     if rc.trains or rc.measures:
         report.timing["recon_s"] = state.recon_s
     zeros = sum(round(f * _numel(model, name)) for name, f in report.per_layer.items())

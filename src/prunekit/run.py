@@ -170,7 +170,7 @@ def settings_fingerprint(cfg: RunConfig) -> str:
         d.pop(key, None)
     d["model"].pop("device", None)
     d["model"].pop("allow_pickle", None)
-    for key in ("device", "offload", "offload_dir"):
+    for key in ("device", "offload", "offload_dir", "checkpoint_every"):
         d["prune"].pop(key, None)
     d["prune"]["calib"].pop("cache_dir", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -179,7 +179,7 @@ def settings_fingerprint(cfg: RunConfig) -> str:
 # Settings a resumed run may change: they move the work or its scratch files, never the result.
 # Everything else (evaluation settings included: they do not change the pruned model, but they do
 # change metrics.json, and a resumed run must end as the uninterrupted one would) is refused.
-RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle")
+RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle", "checkpoint_every")
 
 
 def resume_config(out: str) -> RunConfig:
@@ -229,14 +229,14 @@ def apply_resume_overrides(cfg: RunConfig, given: dict[str, Any]) -> None:
 
 
 def checkpoint_bytes(model: nn.Module, cfg: RunConfig, model_bytes: int) -> int:
-    """A generous estimate of the checkpoint's peak size: every block's weights, two activation
-    streams twice over (the next state is written before the previous one is removed), masks and
-    the calibration windows."""
+    """A generous estimate of the checkpoint's peak size: every block's weights twice (final and, for
+    the reconstruction guard, masks-only), two activation streams twice over (the next state is
+    written before the previous one is removed), masks and the calibration windows."""
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
     element = next(model.parameters()).element_size()
     c = cfg.prune.calib
     stream = c.nsamples * c.seqlen * int(hidden) * element
-    return int(model_bytes * 1.1) + 4 * stream + c.nsamples * c.seqlen * 8
+    return int(model_bytes * 2.2) + 4 * stream + c.nsamples * c.seqlen * 8
 
 
 def _disk_error(e: OSError, rundir: RunDir | None, resumable: bool) -> PrunekitError:
@@ -325,6 +325,7 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
                 **({"owl": asdict(report.owl)} if report.owl is not None else {}),
             },
             "timing": {"load_s": load_s, **report.timing, "eval_s": eval_s},
+            "checkpoint_bytes": report.checkpoint_bytes,
             "notes": notes,
         }
         if zeroshot is not None:
