@@ -111,6 +111,27 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def _to_cpu_shared(obj: Any, memo: dict | None = None) -> Any:
+    """:func:`to_device` to the CPU, copying a tensor that several blocks share (one mask, one rotary
+    table for every block) once instead of once per block: on a GPU, per-block copies of a
+    ``[batch, 1, seq, seq]`` mask would cost the number of blocks times its size in host memory."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj
+        key = (obj.device, obj.data_ptr(), tuple(obj.shape), obj.stride(), obj.dtype)
+        if key not in memo:
+            memo[key] = obj.to("cpu")
+        return memo[key]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu_shared(o, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_to_cpu_shared(o, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_cpu_shared(v, memo) for k, v in obj.items()}
+    return obj
+
+
 @dataclass
 class Captured:
     """Inputs of block 0 for every calibration window, and each block's keyword arguments per batch."""
@@ -159,14 +180,21 @@ def capture(
     device: torch.device | str = "cpu",
     progress: bool = True,
     allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    place_stems: bool = True,
 ) -> Captured:
     """Run the model's embedding stage on ``input_ids`` and record what each block would receive.
 
     ``allocate(shape, dtype)`` makes the CPU tensor that holds block 0's inputs (RAM by default;
-    :class:`prunekit.streams.StreamAllocator` maps it from disk for big runs).
+    :class:`prunekit.streams.StreamAllocator` maps it from disk for big runs). ``attention_mask``
+    (rows as ``input_ids``) is passed to the model for padded batches, so that the recorded
+    keyword arguments hold the padding masks. With ``place_stems`` false the caller has already put
+    the modules outside the blocks on ``device`` and keeps them there (a block-by-block evaluation
+    embeds many batches between one load and one release of the embeddings).
     """
     device = torch.device(device)
-    stems = _children_deep(model.base_model, blocks)
+    stems = _children_deep(model.base_model, blocks) if place_stems else []
     for m in stems:
         m.to(device)
     originals = list(blocks)
@@ -179,8 +207,9 @@ def capture(
         for b in tqdm(range(0, input_ids.shape[0], batch_size), desc="capturing block inputs", disable=not progress):
             sink.hidden, sink.kwargs = None, []
             batch = input_ids[b : b + batch_size].to(device)
+            extra = {} if attention_mask is None else {"attention_mask": attention_mask[b : b + batch_size].to(device)}
             try:
-                model.base_model(input_ids=batch, use_cache=False)
+                model.base_model(input_ids=batch, use_cache=False, **extra)
             except _StopForward:
                 pass
             if sink.hidden is None or len(sink.kwargs) != len(blocks):
@@ -189,7 +218,7 @@ def capture(
                 shape = (input_ids.shape[0], *sink.hidden.shape[1:])
                 hidden = (allocate or (lambda sh, dt: torch.empty(sh, dtype=dt)))(shape, sink.hidden.dtype)
             hidden[b : b + batch.shape[0]] = sink.hidden.to("cpu")
-            kwargs.append([to_device(kw, "cpu") for kw in sink.kwargs])
+            kwargs.append(_to_cpu_shared(sink.kwargs))
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
