@@ -105,7 +105,6 @@ def run_zeroshot(model: nn.Module, tokenizer, ev, data_dir: str | None, device: 
 
         if choose_walk(walk, [model], device) == "blocks":
             log.warning("the lm-eval backend runs the whole model on %s, which may not hold it; --backend prunekit walks it block by block", device)
-
         return LmEvalResult(evaluate_tasks_lm_eval(
             model, tokenizer, parse_tasks(ev.eval_tasks), data_dir, ev.eval_limit or None, ev.eval_batch_size, str(device)
         ))
