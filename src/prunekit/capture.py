@@ -92,6 +92,23 @@ def _cut_batch(obj: Any, size: int, rows: int) -> Any:
     return map_tensors(obj, lambda t: t[:rows] if t.dim() >= 2 and t.shape[0] == size and size > 1 else t)
 
 
+def _to_cpu_shared(obj: Any) -> Any:
+    """:func:`to_device` to the CPU, copying a tensor that several blocks share (one mask, one rotary
+    table for every block) once instead of once per block: on a GPU, per-block copies of a
+    ``[batch, 1, seq, seq]`` mask would cost the number of blocks times its size in host memory."""
+    memo: dict[tuple, torch.Tensor] = {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t
+        key = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in memo:
+            memo[key] = t.to("cpu")
+        return memo[key]
+
+    return map_tensors(obj, move)
+
+
 @dataclass
 class Captured:
     """Inputs of block 0 for every calibration window, and each block's keyword arguments per batch."""
@@ -140,14 +157,21 @@ def capture(
     device: torch.device | str = "cpu",
     progress: bool = True,
     allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    place_stems: bool = True,
 ) -> Captured:
     """Run the model's embedding stage on ``input_ids`` and record what each block would receive.
 
     ``allocate(shape, dtype)`` makes the CPU tensor that holds block 0's inputs (RAM by default;
-    :class:`prunekit.streams.StreamAllocator` maps it from disk for big runs).
+    :class:`prunekit.streams.StreamAllocator` maps it from disk for big runs). ``attention_mask``
+    (rows as ``input_ids``) is passed to the model for padded batches, so that the recorded
+    keyword arguments hold the padding masks. With ``place_stems`` false the caller has already put
+    the modules outside the blocks on ``device`` and keeps them there (a block-by-block evaluation
+    embeds many batches between one load and one release of the embeddings).
     """
     device = torch.device(device)
-    stems = _children_deep(model.base_model, blocks)
+    stems = _children_deep(model.base_model, blocks) if place_stems else []
     for m in stems:
         m.to(device)
     originals = list(blocks)
@@ -162,14 +186,15 @@ def capture(
             for b in tqdm(range(0, input_ids.shape[0], batch_size), desc="capturing block inputs", disable=not progress):
                 sink.hidden, sink.kwargs = None, []
                 batch = input_ids[b : b + batch_size].to(device)
-                stop.run(model.base_model, input_ids=batch, use_cache=False)
+                extra = {} if attention_mask is None else {"attention_mask": attention_mask[b : b + batch_size].to(device)}
+                stop.run(model.base_model, input_ids=batch, use_cache=False, **extra)
                 if sink.hidden is None or len(sink.kwargs) != len(blocks):
                     raise RuntimeError("capture did not reach every block; the model calls its blocks in an unexpected way")
                 if hidden is None:
                     shape = (input_ids.shape[0], *sink.hidden.shape[1:])
                     hidden = (allocate or (lambda sh, dt: torch.empty(sh, dtype=dt)))(shape, sink.hidden.dtype)
                 hidden[b : b + batch.shape[0]] = sink.hidden.to("cpu")
-                kwargs.append([to_device(kw, "cpu") for kw in sink.kwargs])
+                kwargs.append(_to_cpu_shared(sink.kwargs))
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block

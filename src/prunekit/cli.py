@@ -54,6 +54,8 @@ _HELP = {
     "calib_mix": "fraction of the calibration windows written by the model itself, mixed into --calib",
     "loss": "reconstruction objective: mse | token-mse (each token's error over its norm) | cosine | kd (through the LM head)",
     "loss_skip": "leave the first k positions of each window (attention sinks) out of the loss",
+    "eval_walk": "auto | whole | blocks: evaluate with the whole model on the device, or one block at a time "
+    "(auto: block by block when the model does not fit in the device's free memory)",
     "guard": "revert | warn | off: compare reconstruction with the masks-only weights on held-out windows "
     "(per window, and end to end by KL through the LM head); revert windows, or the whole run, that end worse",
 }
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-batch-size", type=int, default=4)
     r.add_argument("--data-dir", default=None)
     r.add_argument("--device", default="auto")
+    r.add_argument("--eval-walk", default="auto", help=_HELP["eval_walk"] + " (default: auto)")
     r.add_argument("--dtype", default="float32")
     r.add_argument("--allow-pickle", action="store_true", help="read pickle weights (pytorch_model.bin): only files you trust")
     r.add_argument("--out", required=True, help="directory for errors.json and block_errors.png")
@@ -155,6 +158,7 @@ def _cmd_prune(ns: argparse.Namespace) -> int:
 
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
+    from .blockwalk import choose_walk
     from .evaluate import effective_seqlen
     from .models import load_model
     from .pipeline import resolve_device
@@ -183,7 +187,8 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
             for name in cfg.eval.datasets()
         ]
         t = time.perf_counter()
-        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device)
+        walk = choose_walk(cfg.eval.eval_walk, [model], device)
+        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device, walk)
         metrics: dict[str, Any] = {
             "model": cfg.model.model,
             "perplexity": {r.dataset: r.ppl for r in results},
@@ -193,7 +198,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
             print(f"{r.dataset}: perplexity {r.ppl:.3f} ({r.windows} windows of {r.seqlen} tokens)")
         markdown = ""
         if cfg.eval.eval_tasks:
-            zs = run_zeroshot(model, tokenizer, cfg.eval, cfg.data_dir, device)
+            zs = run_zeroshot(model, tokenizer, cfg.eval, cfg.data_dir, device, walk)
             metrics["zeroshot"] = zs.to_dict()
             markdown = zs.to_markdown()
             print(markdown)
@@ -212,6 +217,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def _cmd_error(ns: argparse.Namespace) -> int:
+    from .blockwalk import WALKS, choose_walk
     from .data import eval_text, eval_windows
     from .evaluate import block_error_detail, effective_seqlen
     from .models import load_model
@@ -221,6 +227,8 @@ def _cmd_error(ns: argparse.Namespace) -> int:
 
     if ns.eval_windows < 0 or ns.eval_seqlen < 2:
         raise PrunekitError("eval-windows must be 0 or more and eval-seqlen at least 2")
+    if ns.eval_walk not in WALKS:
+        raise PrunekitError(f"unknown eval-walk {ns.eval_walk!r}; choose auto, whole or blocks")
     check_device(ns.device)
     check_eval_names([ns.data])
     _require_matplotlib("block_errors.png")
@@ -234,9 +242,11 @@ def _cmd_error(ns: argparse.Namespace) -> int:
         seqlen = effective_seqlen(dense, ns.eval_seqlen)
         windows = eval_windows(tokenizer(eval_text(ns.data, ns.data_dir))["input_ids"], seqlen, ns.eval_windows)
         runs: dict[str, dict[str, list[float]]] = {}
+        walk = ns.eval_walk
         for path in ns.model:
             pruned, _ = load_model(path, ns.dtype)
-            runs[Path(path).name or path] = block_error_detail(dense, pruned, windows, ns.eval_batch_size, device)
+            walk = choose_walk(walk, [dense, pruned], device)  # chosen once, with the first pair
+            runs[Path(path).name or path] = block_error_detail(dense, pruned, windows, ns.eval_batch_size, device, walk)
             del pruned
         result = {
             "dense": ns.dense, "data": ns.data, "seqlen": seqlen, "windows": int(windows.shape[0]),

@@ -323,6 +323,7 @@ class EvalConfig:
     eval_tasks: str = ""  # zero-shot tasks, comma-separated (e.g. boolq,rte,hellaswag or `paper`); "" = none
     eval_limit: int = 0  # first N items of each zero-shot task; 0 = all
     backend: str = "prunekit"  # zero-shot scorer: prunekit | lm-eval (lm-evaluation-harness, when installed)
+    eval_walk: str = "auto"  # auto | whole | blocks: the whole model on the device, or one block at a time (prunekit.blockwalk)
 
     def datasets(self) -> list[str]:
         names = [d.strip() for d in self.eval.split(",") if d.strip()]
@@ -339,6 +340,10 @@ class EvalConfig:
             raise PrunekitError("limit must be 0 (all items) or a positive count")
         if self.backend not in ("prunekit", "lm-eval"):
             raise PrunekitError(f"unknown backend {self.backend!r}; choose prunekit or lm-eval")
+        if self.eval_walk not in ("auto", "whole", "blocks"):
+            raise PrunekitError(f"unknown eval-walk {self.eval_walk!r}; choose auto, whole or blocks")
+        if self.eval_walk == "blocks" and self.backend == "lm-eval" and self.eval_tasks:
+            raise PrunekitError("--eval-walk blocks needs --backend prunekit (lm-eval runs the whole model on the device)")
         if self.eval_tasks:
             from .zeroshot import parse_tasks
 

@@ -24,6 +24,7 @@ from torch import nn
 import hashlib
 import json
 
+from .blockwalk import choose_walk
 from .checkpoint import CheckpointDamaged, Checkpointer
 from .config import RunConfig, dump_yaml, get_leaf, load_yaml, set_leaf, to_dict
 from .data import eval_text, eval_windows
@@ -90,24 +91,35 @@ def prepare_eval_sets(
     return sets
 
 
-def run_zeroshot(model: nn.Module, tokenizer, ev, data_dir: str | None, device: torch.device):
-    """Zero-shot accuracy on ``ev.eval_tasks`` (see :mod:`prunekit.zeroshot`), or lm-eval's dict."""
+def run_zeroshot(model: nn.Module, tokenizer, ev, data_dir: str | None, device: torch.device, walk: str | None = None):
+    """Zero-shot accuracy on ``ev.eval_tasks`` (see :mod:`prunekit.zeroshot`), or lm-eval's dict.
+
+    ``walk`` (default ``ev.eval_walk``) is the whole model on the device or a block-by-block walk
+    (:func:`prunekit.blockwalk.choose_walk`); lm-eval always runs the whole model.
+    """
     from .zeroshot import evaluate_tasks, parse_tasks
 
+    walk = walk or ev.eval_walk
     if ev.backend == "lm-eval":
         from .lmeval_backend import LmEvalResult, evaluate_tasks_lm_eval
 
+        if choose_walk(walk, [model], device) == "blocks":
+            log.warning("the lm-eval backend runs the whole model on %s, which may not hold it; --backend prunekit walks it block by block", device)
         return LmEvalResult(evaluate_tasks_lm_eval(
             model, tokenizer, parse_tasks(ev.eval_tasks), data_dir, ev.eval_limit or None, ev.eval_batch_size, str(device)
         ))
     return evaluate_tasks(
         model, tokenizer, parse_tasks(ev.eval_tasks), data_dir=data_dir, limit=ev.eval_limit or None,
-        batch_size=ev.eval_batch_size, device=device,
+        batch_size=ev.eval_batch_size, device=device, walk=walk,
     )
 
 
-def evaluate_sets(model: nn.Module, sets: list[EvalSet], batch_size: int, device: torch.device) -> list[Perplexity]:
-    return [perplexity_of_ids(model, s.name, s.windows, batch_size, device) for s in sets]
+def evaluate_sets(
+    model: nn.Module, sets: list[EvalSet], batch_size: int, device: torch.device, walk: str = "auto"
+) -> list[Perplexity]:
+    """Perplexity on each set; ``walk`` is chosen once for all of them (:func:`prunekit.blockwalk.choose_walk`)."""
+    walk = choose_walk(walk, [model], device) if sets else walk
+    return [perplexity_of_ids(model, s.name, s.windows, batch_size, device, walk) for s in sets]
 
 
 def matmul_gflops(device: torch.device, size: int = 1024, seconds: float = 1.0) -> float:
@@ -173,13 +185,14 @@ def settings_fingerprint(cfg: RunConfig) -> str:
     for key in ("device", "offload", "offload_dir", "checkpoint_every"):
         d["prune"].pop(key, None)
     d["prune"]["calib"].pop("cache_dir", None)
+    d["eval"].pop("eval_walk", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Settings a resumed run may change: they move the work or its scratch files, never the result.
 # Everything else (evaluation settings included: they do not change the pruned model, but they do
 # change metrics.json, and a resumed run must end as the uninterrupted one would) is refused.
-RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle", "checkpoint_every")
+RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle", "checkpoint_every", "eval_walk")
 
 
 def resume_config(out: str) -> RunConfig:
@@ -293,8 +306,9 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
         sets = prepare_eval_sets(model, tokenizer, cfg, device, fallback=eval_fallback)
         model, report = prune(model, tokenizer, cfg.prune, checkpoint=checkpoint)
         t = time.perf_counter()
-        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device)
-        zeroshot = run_zeroshot(model, tokenizer, cfg.eval, cfg.prune.calib.data_dir, device) if cfg.eval.eval_tasks else None
+        walk = choose_walk(cfg.eval.eval_walk, [model], device) if sets or cfg.eval.eval_tasks else cfg.eval.eval_walk
+        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device, walk)
+        zeroshot = run_zeroshot(model, tokenizer, cfg.eval, cfg.prune.calib.data_dir, device, walk) if cfg.eval.eval_tasks else None
         eval_s = time.perf_counter() - t
         notes = list(report.notes) + [s.note for s in sets if s.note]
         if report.units:

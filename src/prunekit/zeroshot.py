@@ -79,8 +79,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import blockwalk
+from .blockwalk import Batch, WeightSource, choose_walk
 from .data import DATA_ENV, data_dir as resolve_data_dir
 from .errors import PrunekitError
+from .families import Readout
 from .models import context_length
 
 log = logging.getLogger(__name__)
@@ -336,30 +339,23 @@ def encode_pair(tokenizer, context: str, continuation: str, bos: bool = False) -
     return ctx, cont
 
 
-@torch.no_grad()
-def score_requests(
-    model: nn.Module,
-    requests: list[tuple[list[int], list[int]]],
-    batch_size: int = 8,
-    device: torch.device | str = "cpu",
-    max_length: int | None = None,
-    desc: str = "zero-shot",
-) -> list[tuple[float, bool]]:
-    """``(log-likelihood, is_greedy)`` of each ``(context_ids, continuation_ids)`` request.
+@dataclass
+class _ScoreBatch:
+    """One padded batch of requests and where its continuation tokens sit."""
 
-    The model must already be on ``device``. Requests run longest first in batches of
-    ``batch_size``, right-padded with an attention mask; each is left-truncated to ``max_length``
-    tokens of input (default: the model's context length); a continuation longer than that has
-    only its last ``max_length`` tokens scored (with a warning). ``is_greedy`` is whether every
-    scored continuation token is the argmax of its position's logits.
-    """
-    if batch_size < 1:
-        raise PrunekitError(f"--batch-size must be at least 1, not {batch_size}")
-    device = torch.device(device)
-    max_length = max_length or context_length(model) or 2048
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    members: list[int]  # request indices, in batch order
+    ids: torch.Tensor  # [rows, width], right-padded
+    mask: torch.Tensor  # [rows, width]
+    rows: list[int]  # (row, col) of every position whose logits predict a continuation token
+    cols: list[int]
+    targets: list[int]
+    counts: list[int]  # scored continuation tokens of each member
 
+
+def _score_batches(
+    requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int
+) -> list[_ScoreBatch]:
+    """The requests in the harness's order (longest first), truncated, padded and batched."""
     prepared = []  # (index, input ids, scored continuation ids, all ids)
     too_long = 0
     for i, (ctx, cont) in enumerate(requests):
@@ -373,40 +369,84 @@ def score_requests(
             too_long, max_length, max_length,
         )
     order = sorted(prepared, key=lambda r: (-len(r[3]), r[3]))
-
-    out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    out: list[_ScoreBatch] = []
+    for b in range(0, len(order), batch_size):
         batch = order[b : b + batch_size]
         width = max(len(r[1]) for r in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
-        rows, cols, targets, counts = [], [], [], []
+        sb = _ScoreBatch([r[0] for r in batch], ids, mask, [], [], [], [])
         for j, (_, inp, cont, _) in enumerate(batch):
             ids[j, : len(inp)] = torch.tensor(inp, dtype=torch.long)
             mask[j, : len(inp)] = 1
             # logits at position t predict token t + 1: the continuation's predictors are the last
             # len(cont) input positions
             start = len(inp) - len(cont)
-            rows += [j] * len(cont)
-            cols += range(start, len(inp))
-            targets += cont
-            counts.append(len(cont))
-        if not targets:  # only empty continuations: log-likelihood 0, trivially greedy
-            continue
+            sb.rows += [j] * len(cont)
+            sb.cols += range(start, len(inp))
+            sb.targets += cont
+            sb.counts.append(len(cont))
+        out.append(sb)
+    return out
+
+
+def _score(
+    batch: _ScoreBatch, hidden: torch.Tensor, readout: Readout, out: list[tuple[float, bool]]
+) -> None:
+    """Log-likelihood and greediness of every member of ``batch`` from its final hidden states."""
+    device = hidden.device
+    logits = readout.logits(hidden[torch.tensor(batch.rows, device=device), torch.tensor(batch.cols, device=device)])
+    logprobs = F.log_softmax(logits, dim=-1)
+    target = torch.tensor(batch.targets, device=device)
+    token_ll = logprobs.gather(1, target[:, None]).squeeze(1).double().cpu()
+    greedy = (logprobs.argmax(dim=-1) == target).cpu()
+    pos = 0
+    for index, n in zip(batch.members, batch.counts):
+        out[index] = (float(token_ll[pos : pos + n].sum()), bool(greedy[pos : pos + n].all()))
+        pos += n
+
+
+@torch.no_grad()
+def score_requests(
+    model: nn.Module,
+    requests: list[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    max_length: int | None = None,
+    desc: str = "zero-shot",
+    walk: str = "whole",
+    source: WeightSource | None = None,
+) -> list[tuple[float, bool]]:
+    """``(log-likelihood, is_greedy)`` of each ``(context_ids, continuation_ids)`` request.
+
+    With ``walk="whole"`` the model must already be on ``device``; with ``"blocks"`` (or a weight
+    ``source``) it is walked there block by block over all batches (:mod:`prunekit.blockwalk`),
+    with the same results. Requests run longest first in batches of ``batch_size``, right-padded
+    with an attention mask; each is left-truncated to ``max_length`` tokens of input (default: the
+    model's context length); a continuation longer than that has only its last ``max_length``
+    tokens scored (with a warning). ``is_greedy`` is whether every scored continuation token is
+    the argmax of its position's logits.
+    """
+    if batch_size < 1:
+        raise PrunekitError(f"--batch-size must be at least 1, not {batch_size}")
+    device = torch.device(device)
+    max_length = max_length or context_length(model) or 2048
+    # only empty continuations: log-likelihood 0, trivially greedy, and no need to run the model
+    batches = [b for b in _score_batches(requests, batch_size, max_length) if b.targets]
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+    if source is not None or choose_walk(walk, [model], device) == "blocks":
+        walked = [Batch(b.ids, b.mask) for b in batches]
+        blockwalk.walk(
+            model, walked, device, lambda i, hidden, readout: _score(batches[i], hidden, readout, out),
+            source=source, desc=desc,
+        )
+        return out
+    readout = Readout(model, with_norm=False)
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
         hidden = model.base_model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device), use_cache=False
         ).last_hidden_state
-        logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        logprobs = F.log_softmax(logits, dim=-1)
-        target = torch.tensor(targets, device=device)
-        token_ll = logprobs.gather(1, target[:, None]).squeeze(1).double().cpu()
-        greedy = (logprobs.argmax(dim=-1) == target).cpu()
-        pos = 0
-        for (index, *_), n in zip(batch, counts):
-            out[index] = (float(token_ll[pos : pos + n].sum()), bool(greedy[pos : pos + n].all()))
-            pos += n
+        _score(batch, hidden, readout, out)
     return out
 
 
@@ -447,15 +487,18 @@ def evaluate_docs(
     docs: list[Doc],
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    walk: str = "whole",
+    source: WeightSource | None = None,
 ) -> dict[str, float | int | None]:
-    """Score one task's docs; the model must already be on ``device``."""
+    """Score one task's docs; the model must already be on ``device`` unless it is walked (``walk``,
+    ``source``: see :func:`score_requests`)."""
     bos = _wants_bos(model)
     requests = [
         encode_pair(tokenizer, context, cont, bos)
         for d in docs
         for context, cont in zip(d.contexts, d.continuations)
     ]
-    results = score_requests(model, requests, batch_size, device, desc=f"zero-shot {task}")
+    results = score_requests(model, requests, batch_size, device, desc=f"zero-shot {task}", walk=walk, source=source)
     if task == "lambada":
         n = len(docs)
         acc = sum(greedy for _, greedy in results) / n
@@ -567,12 +610,16 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    walk: str = "auto",
+    source: WeightSource | None = None,
 ) -> ZeroShotResult:
     """Zero-shot accuracy of ``model`` on ``tasks`` (names from :data:`TASKS`).
 
     ``data_dir`` holds ``zeroshot/<file>.jsonl`` (default ``$PRUNEKIT_DATA_DIR``); ``limit`` keeps the
     first N items of each task. All task files are checked before any scoring starts. The model runs
-    on ``device`` and goes back to the device it came from afterwards.
+    on ``device`` and goes back to the device it came from afterwards; with ``walk`` ``blocks`` (or
+    ``auto`` when it does not fit there, see :func:`prunekit.blockwalk.choose_walk`) or a weight
+    ``source`` it is walked there block by block instead.
     """
     if not tasks:
         raise PrunekitError(f"no zero-shot task given; name some of {', '.join(TASKS)}")
@@ -581,17 +628,20 @@ def evaluate_tasks(
             raise PrunekitError(f"unknown zero-shot task {task!r}; choose from {', '.join(TASKS)}")
     t0 = time.perf_counter()
     loaded = {task: load_docs(task, data_dir, limit) for task in dict.fromkeys(tasks)}
+    mode = "blocks" if source is not None else choose_walk(walk, [model], device)
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    model.to(device)
+    if mode == "whole":
+        model.to(device)
     metrics: dict[str, dict[str, float | int | None]] = {}
     try:
         for task, docs in loaded.items():
-            metrics[task] = evaluate_docs(model, tokenizer, task, docs, batch_size, device)
+            metrics[task] = evaluate_docs(model, tokenizer, task, docs, batch_size, device, mode, source)
             log.info("zero-shot %s: %s", task, metrics[task])
     finally:
-        model.to(home)
+        if mode == "whole":
+            model.to(home)
         model.train(was_training)
     return ZeroShotResult(metrics, limit=limit, seconds=time.perf_counter() - t0)
