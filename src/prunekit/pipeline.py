@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import precision
 from .checkpoint import Checkpointer
 from .capture import Captured, capture, propagate, run_block, to_device
 from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity, recon_label
@@ -185,6 +186,7 @@ def _advance(blocks: list[nn.Module], indices: list[int], captured: Captured, st
 
 
 @torch.no_grad()
+@precision.for_run  # --precision for every block and unit forward pass of the run (prunekit.precision)
 def prune(
     model: nn.Module,
     tokenizer,
@@ -248,7 +250,8 @@ def prune(
     needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global" or guarded)
     # streams kept at once: sparse, dense, a unit's inputs and targets (when reconstructing); files
     # of memory-mapped streams go when the allocator is closed below or garbage-collected
-    streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1)
+    streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1,
+                              dtype=precision.stream_dtype(config.stream_dtype))  # --stream-dtype
     train_rows = torch.arange(n - n_held)
     held_rows = torch.arange(n - n_held, n)
     all_rows = torch.arange(n)
