@@ -17,9 +17,10 @@ Protocols (`--protocol`):
   on the full sets (needs a GPU).
 
     python bench/recon_grid.py RUN [--protocol P] [--calib c4|self] [--nsamples N] [--lr X] [--epochs N]
+      [--loss L] [--guard G] [--precision fp32|tf32|bf16|auto] [--stream-dtype float32|bfloat16]
       RUN = CRITERION-PRESET, e.g. wanda-br-gp (criteria: magnitude, wanda, sparsegpt;
       presets: lr, br, br-gp, br-gp-cr, attn-mlp-gp, free-lunch)
-Writes bench/results/PROTOCOL/RUN[-calib-N][-lrX][-epochsN].json (`--print-name` prints that name); the pruned model goes to bench/work/ (ignored).
+Writes bench/results/PROTOCOL/RUN[-calib-N][-lrX][-epochsN][-lossL][-guardG][-precisionP][-streamsD].json (`--print-name` prints that name); the pruned model goes to bench/work/ (ignored).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (an extra run, named -epochsN)")
     ap.add_argument("--loss", default="mse", help="reconstruction loss (the protocols' runs: mse; others are named -lossNAME)")
     ap.add_argument("--guard", default="off", help="reconstruction guard (the protocols' runs: off; others are named -guardMODE)")
+    ap.add_argument("--precision", default="fp32", help="--precision of the run (the protocols' runs: fp32; others are named -precisionMODE)")
+    ap.add_argument("--stream-dtype", default="float32", help="--stream-dtype of the run (the protocols' runs: float32; others are named -streamsDTYPE)")
     ap.add_argument("--contexts", default="", help="also WikiText-2 perplexity at these window lengths, e.g. 256+1024 (issue 10; named -ctxLIST)")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     ap.add_argument("--print-name", action="store_true", help="print the run's result name and stop (for run_recon_grid.sh)")
@@ -129,6 +132,10 @@ def main() -> None:
         name += f"-loss{a.loss}"
     if a.guard != "off":
         name += f"-guard{a.guard}"
+    if a.precision != "fp32":
+        name += f"-precision{a.precision}"
+    if a.stream_dtype != "float32":
+        name += f"-streams{a.stream_dtype}"
     if a.contexts:
         name += f"-ctx{a.contexts.replace(',', '+')}"
     if a.print_name:
@@ -141,6 +148,7 @@ def main() -> None:
     cfg.model.model = str(dense_copy(here / "work"))
     cfg.model.device = p["device"]
     cfg.prune.batch_size = p["batch_size"]
+    cfg.prune.precision, cfg.prune.stream_dtype = a.precision, a.stream_dtype
     c = cfg.prune.calib
     c.calib, c.nsamples, c.seqlen, c.seed, c.data_dir = a.calib, p["nsamples"], p["seqlen"], 0, a.data_dir
     cfg.prune.sparsity.method, cfg.prune.sparsity.sparsity = criterion, "0.5"

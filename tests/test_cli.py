@@ -19,6 +19,8 @@ from prunekit.cli import main
         (["prune", "--nsamples", "0"], "at least 1"),
         (["prune", "--dtype", "int3"], "unknown dtype"),
         (["prune", "--eval-windows", "-1"], "eval-windows"),
+        (["prune", "--precision", "fp16"], "unknown precision 'fp16'; choose one of auto, fp32, tf32, bf16"),
+        (["prune", "--stream-dtype", "float16"], "unknown stream-dtype 'float16'"),
     ],
 )
 def test_bad_input_gives_one_clear_line(argv, needle, tmp_path, capsys):

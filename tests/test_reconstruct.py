@@ -44,14 +44,20 @@ def test_window_plan_matches_the_papers():
 
 
 GRANULARITIES = [("block", 1), ("attn-mlp", 1), ("matrix", 1), ("block", 2)]
+# every family in fp32 and bf16 (autocast, also on the CPU); tf32 is fp32 on a CPU: a few families
+# check that its path runs (on a GPU the same tests cover TF32 with --device cuda)
+PRECISION_FAMILIES = [(f, p) for p in ("fp32", "bf16") for f in FAMILIES] + [(f, "tf32") for f in ("llama", "gpt2", "opt")]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "precision"), PRECISION_FAMILIES)
 @pytest.mark.parametrize(("granularity", "window"), GRANULARITIES)
-def test_pruned_weights_stay_zero_and_kept_weights_move(family, granularity, window):
-    lr_model, _ = prunekit.prune(make_tiny_model(family), None, _cfg("lr"), calib_ids=CALIB, progress=False)
+def test_pruned_weights_stay_zero_and_kept_weights_move(family, precision, granularity, window):
+    lr_cfg = _cfg("lr")
+    lr_cfg.precision = precision
+    lr_model, _ = prunekit.prune(make_tiny_model(family), None, lr_cfg, calib_ids=CALIB, progress=False)
     lr_weights = _linear_weights(lr_model)
     cfg = _cfg("br-gp", granularity=granularity, window=window, epochs=2, lr=1e-2, holdout=0.0)
+    cfg.precision = precision
     model, report = prunekit.prune(make_tiny_model(family), None, cfg, calib_ids=CALIB, progress=False)
     after = _linear_weights(model)
     layout = discover(model)
@@ -64,9 +70,10 @@ def test_pruned_weights_stay_zero_and_kept_weights_move(family, granularity, win
     assert report.units and all(u.steps > 0 for u in report.units)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 @pytest.mark.parametrize(("granularity", "window"), GRANULARITIES)
-def test_pruned_weights_are_zero_after_every_optimizer_step(family, granularity, window):
+def test_pruned_weights_are_zero_after_every_optimizer_step(family, granularity, window, precision):
     """Checked inside the loop: a mask that leaked for one step and was re-applied at the end would fail."""
     zeros: dict[int, torch.Tensor] = {}
     checked = []
@@ -86,6 +93,7 @@ def test_pruned_weights_are_zero_after_every_optimizer_step(family, granularity,
                     checked.append(1)
 
     cfg = _cfg("br-gp", granularity=granularity, window=window, epochs=2, lr=1e-1, holdout=0.0)
+    cfg.precision = precision
     hooks = [register_optimizer_step_pre_hook(before),
              register_optimizer_step_post_hook(after)]
     try:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import precision
 from .probe import StopAt
 
 
@@ -204,8 +205,13 @@ def capture(
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Call a decoder block and return its output hidden states (tensor or first tuple element)."""
-    out = block(hidden, **kwargs)
+    """Call a decoder block and return its output hidden states (tensor or first tuple element).
+
+    The block reads ``hidden`` in its weights' dtype (a bfloat16 stream comes back as float32) and
+    runs in the run's precision (:mod:`prunekit.precision`: autocast for bf16, TF32 when asked).
+    """
+    with precision.forward(hidden.device):
+        out = block(precision.as_input(hidden, block), **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

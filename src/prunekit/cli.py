@@ -56,6 +56,9 @@ _HELP = {
     "loss_skip": "leave the first k positions of each window (attention sinks) out of the loss",
     "eval_walk": "auto | whole | blocks: evaluate with the whole model on the device, or one block at a time "
     "(auto: block by block when the model does not fit in the device's free memory)",
+    "precision": "auto | fp32 | tf32 | bf16: forward/backward passes of reconstruction and of the streams "
+    "(bf16 = autocast with float32 weights, loss and optimizer state; tf32 only on CUDA); auto = bf16 on a CUDA GPU, else fp32",
+    "stream_dtype": "float32 | bfloat16: how activation streams are stored (bfloat16 halves their memory and I/O)",
     "guard": "revert | warn | off: compare reconstruction with the masks-only weights on held-out windows "
     "(per window, and end to end by KL through the LM head); revert windows, or the whole run, that end worse",
 }

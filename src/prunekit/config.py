@@ -25,6 +25,7 @@ import yaml
 
 from .errors import PrunekitError
 from .losses import LOSSES
+from .precision import check as check_precision
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # auto | cpu | cuda | cuda:N | mps; anything else is a typo (`tpu9`), refused before the model loads
@@ -299,10 +300,17 @@ class PruneConfig:
     offload: str = "auto"  # activation streams: ram | disk (memory-mapped) | auto (disk when RAM is short)
     offload_dir: str | None = None  # where memory-mapped streams go (default: the system temp dir)
     checkpoint_every: float = 10.0  # minutes between checkpoints of the activation streams (0: every window); finished blocks are checkpointed at once
+    # forward/backward passes of blocks and units: auto | fp32 | tf32 | bf16 (prunekit.precision);
+    # auto = bf16 on a CUDA GPU that supports it, fp32 on a CPU (where tf32 is fp32 too)
+    precision: str = "auto"
+    # activation streams (and a unit's inputs/targets) stored as: float32 | bfloat16 (half the
+    # memory and I/O); float32 keeps the model's own dtype, as before this setting
+    stream_dtype: str = "float32"
 
     def validate(self) -> Sparsity:
         self.calib.validate()
         self.recon.validate()
+        check_precision(self.precision, self.stream_dtype)
         if self.batch_size < 1:
             raise PrunekitError("batch-size must be at least 1")
         if self.offload not in ("auto", "ram", "disk"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import precision
 from .config import Sparsity
 from .masks import make_mask
 
@@ -52,7 +53,11 @@ class InputStats:
         self._xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian and not self._tiles else None
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        """Accumulate a batch in float32, also when the forward pass around it runs under autocast or TF32."""
+        with precision.exact(x.device):
+            self._add(x.detach().reshape(-1, x.shape[-1]).float())
+
+    def _add(self, x: torch.Tensor) -> None:
         self.tokens += x.shape[0]
         if self._tile_xtx:  # until the first read
             parts = [x[:, a:b] for a, b in self._tiles]

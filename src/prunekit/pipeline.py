@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import precision
 from .checkpoint import Checkpointer
 from .capture import Captured, capture, propagate, run_block, to_device
 from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity, recon_label
@@ -311,6 +312,7 @@ class RunState:
 
 
 @torch.no_grad()
+@precision.for_run  # --precision for every block and unit forward pass of the run (prunekit.precision)
 def prune(
     model: nn.Module,
     tokenizer,
@@ -424,7 +426,8 @@ def _start(
     needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global" or guarded)
     # streams kept at once: sparse, dense, a unit's inputs and targets (when reconstructing); files
     # of memory-mapped streams go when the allocator is closed or garbage-collected
-    streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1)
+    streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1,
+                              dtype=precision.stream_dtype(config.stream_dtype))  # --stream-dtype
     bs = config.batch_size
     captured = capture(model, layout.blocks, calib_ids, bs, device, progress, streams.empty) if needs_streams else None
     sparse = captured.hidden if captured is not None else None

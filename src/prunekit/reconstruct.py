@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import precision
 from .capture import Captured, run_block, to_device
 from .config import ReconConfig
 from .families import Conv1D, Layout, is_linear, weight_matrix
@@ -129,7 +130,12 @@ def _mlp_forward(branch: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tens
 
 
 def build_units(layout: Layout, window: Window, granularity: str, prefix: str) -> list[Unit]:
-    """The units of a window in forward order; the same call on dense copies gives the matching dense units."""
+    """The units of a window in forward order; the same call on dense copies gives the matching dense units.
+
+    Every unit's forward reads its input in its weights' dtype and runs in the run's precision
+    (blocks through :func:`run_block`, the MLP part and single linears through
+    :func:`prunekit.precision.computed`).
+    """
     fam = layout.family
     units: list[Unit] = []
     if granularity == "block":
@@ -150,10 +156,11 @@ def build_units(layout: Layout, window: Window, granularity: str, prefix: str) -
             attn_lin = {k: v for k, v in all_linears.items() if not any(id(p) in branch_ids for p in v.parameters())}
             mlp_lin = {k: v for k, v in all_linears.items() if k not in attn_lin}
             units.append(Unit(f"block {j} attention", attn_modules, attn_lin, entry, Point(mid), _attn_forward(window, pos, mid)))
-            units.append(Unit(f"block {j} mlp", branch, mlp_lin, Point(mid), Point(block, True), _mlp_forward(branch)))
+            mlp = precision.computed(_mlp_forward(branch), branch[0])
+            units.append(Unit(f"block {j} mlp", branch, mlp_lin, Point(mid), Point(block, True), mlp))
         elif granularity == "matrix":
             for full, lin in all_linears.items():
-                units.append(Unit(full, [lin], {full: lin}, Point(lin), Point(lin, True), lin))
+                units.append(Unit(full, [lin], {full: lin}, Point(lin), Point(lin, True), precision.computed(lin, lin)))
         else:
             raise ValueError(f"unknown granularity {granularity!r}")
     return units
@@ -259,7 +266,8 @@ def measure(
     """The error measures of ``forward`` against ``targets`` over ``rows`` (None when there are none).
 
     ``score=False`` skips evaluating the objective itself (only its skipped positions apply): the
-    training windows need only the error measures, and kd's LM head is not free.
+    training windows need only the error measures, and kd's LM head is not free. The forward runs
+    in the run's precision; output and targets are compared in float32, as in training.
     """
     if len(rows) == 0:
         return None
@@ -267,7 +275,8 @@ def measure(
     with torch.no_grad():
         for b in range(0, len(rows), batch_size):
             idx = rows[b : b + batch_size]
-            sums.add(forward(inputs[idx].to(device)), targets[idx].to(device), objective, score)
+            y = forward(inputs[idx].to(device)).float()
+            sums.add(y, targets[idx].to(device, torch.float32), objective, score)
     return sums
 
 
@@ -323,6 +332,10 @@ def fit(
     ``seed`` (Rethinking paper, Appendix A), minimising ``objective`` (default: plain MSE). A
     non-finite loss, or a held-out criterion that ends worse than before, restores the weights the
     unit had before reconstruction and says so in the record.
+
+    Training and measurements run in the run's precision (:mod:`prunekit.precision`): with bf16 the
+    forward passes are autocast while the weights being trained, the loss and AdamW's state stay
+    float32, so a masked weight's gradient is still exactly zero and masks stay exact.
     """
     objective = objective or Objective("mse")
     m = lambda rows, score=True: data.measure(unit.forward, rows, objective, score)  # noqa: E731
@@ -457,12 +470,13 @@ def _adam(
                     idx = order[b : b + batch_size]
                     x = inputs[idx].to(device, torch.float32)
                     t = targets[idx].to(device, torch.float32)
-                    loss = objective.loss(unit.forward(x), t)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    with precision.step(device):  # TF32 for the whole step; bf16 autocasts the forward only
+                        loss = objective.loss(unit.forward(x).float(), t)  # a float32 loss in every mode
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
                     sched.step()
                     losses.append(float(loss.detach()))
                     record.steps += 1

@@ -47,6 +47,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     ]
     for key in ("model", "dtype", "method", "sparsity", "scope", "calib", "nsamples", "seqlen", "seed", "device"):
         out.append(f"| {key} | {s.get(key)} |")
+    if "precision" in s:  # runs before --precision existed ran fp32 with float32 streams
+        asked = f" (--precision {s['precision_setting']})" if s.get("precision_setting", s["precision"]) != s["precision"] else ""
+        out.append(f"| precision | {s['precision']}{asked} |")
+        out.append(f"| stream dtype | {s.get('stream_dtype', 'float32')} |")
     out += [
         "",
         "## Results",
@@ -89,7 +93,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             + (f", LoRA rank {r['lora_rank']}" if r["lora_rank"] else "")
             + f"; loss {r.get('loss', 'mse')}"
             + (f" without the first {r['loss_skip']} positions" if r.get("loss_skip") else "")
-            + f"; {rec['heldout_windows']} calibration windows held out.",
+            + f"; {rec['heldout_windows']} calibration windows held out"
+            + (f"; precision {s['precision']}, activation streams stored as {s.get('stream_dtype', 'float32')}"
+               if "precision" in s else "")
+            + ".",
             "",
             "Mean over units of the normalised error ‖y_dense − y_sparse‖² / ‖y_dense‖² (aggregate) and of "
             "the per-token normalised error (every token weighs the same):",

@@ -24,6 +24,7 @@ from torch import nn
 import hashlib
 import json
 
+from . import precision
 from .blockwalk import choose_walk
 from .checkpoint import CheckpointDamaged, Checkpointer
 from .config import RunConfig, dump_yaml, get_leaf, load_yaml, set_leaf, to_dict
@@ -122,23 +123,26 @@ def evaluate_sets(
     return [perplexity_of_ids(model, s.name, s.windows, batch_size, device, walk) for s in sets]
 
 
-def matmul_gflops(device: torch.device, size: int = 1024, seconds: float = 1.0) -> float:
-    """The device's float32 matmul rate, measured now (the yardstick for reconstruction throughput)."""
+def matmul_gflops(device: torch.device, size: int = 1024, seconds: float = 1.0, mode: str = "fp32") -> float:
+    """The device's matmul rate in ``mode`` (fp32, tf32 or bf16, as :mod:`prunekit.precision` runs
+    it), measured now: the yardstick for reconstruction throughput in that precision."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    a @ b
-    n = 0
-    t = time.perf_counter()
-    while time.perf_counter() - t < seconds:
+    with precision.use(mode), precision.forward(device):
         a @ b
-        n += 1
+        n = 0
+        t = time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            a @ b
+            n += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * size**3 * n / (time.perf_counter() - t) / 1e9
 
 
-def reconstruction_metrics(report, device: torch.device) -> dict[str, Any]:
-    """Errors before/after per unit and overall, and the training throughput against the matmul rate."""
+def reconstruction_metrics(report, device: torch.device, mode: str = "fp32") -> dict[str, Any]:
+    """Errors before/after per unit and overall, and the training throughput against the matmul rate
+    in the precision the run trained in (``mode``)."""
     train_s = sum(u.seconds for u in report.units)
     flops = sum(u.flops for u in report.units)
     out: dict[str, Any] = {
@@ -150,8 +154,9 @@ def reconstruction_metrics(report, device: torch.device) -> dict[str, Any]:
     }
     if flops:
         achieved = flops / max(train_s, 1e-9) / 1e9
-        peak = matmul_gflops(device)
-        out["throughput"] = {"train_gflops": achieved, "matmul_gflops": peak, "fraction": achieved / peak}
+        peak = matmul_gflops(device, mode=mode)
+        out["throughput"] = {"train_gflops": achieved, "matmul_gflops": peak, "fraction": achieved / peak,
+                             "matmul_precision": mode}
     return out
 
 
@@ -171,13 +176,20 @@ def coverage_notes(calib_seqlen: int, results: list[Perplexity]) -> list[str]:
     ]
 
 
-def settings_fingerprint(cfg: RunConfig) -> str:
-    """What a checkpoint must agree on to be resumed: everything but output and placement settings."""
+def settings_fingerprint(cfg: RunConfig, mode: str | None = None) -> str:
+    """What a checkpoint must agree on to be resumed: everything but output and placement settings.
+
+    The precision enters as the mode that runs (``mode``, default: ``--precision`` resolved on the
+    run's device), not as written: ``auto`` on a GPU (bf16) and ``auto`` on a CPU (fp32) give
+    different models, so a run may not switch between them half-way, while ``auto`` and ``fp32`` on
+    a CPU are the same run. ``stream_dtype`` enters as written (bfloat16 streams change the result).
+    """
     d = to_dict(cfg)
     try:  # the values the run actually uses, so a changed preset does not resume silently
         d["prune"]["recon"] = to_dict(cfg.prune.recon.resolved())
     except PrunekitError:
         pass
+    d["prune"]["precision"] = mode or precision.resolve(cfg.prune.precision, cfg.prune.device)
     for key in ("out", "overwrite"):
         d.pop(key, None)
     d["model"].pop("device", None)
@@ -246,10 +258,34 @@ def checkpoint_bytes(model: nn.Module, cfg: RunConfig, model_bytes: int) -> int:
     the reconstruction guard, masks-only), two activation streams twice over (the next state is
     written before the previous one is removed), masks and the calibration windows."""
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
-    element = next(model.parameters()).element_size()
+    element = min(next(model.parameters()).element_size(), precision.stream_dtype(cfg.prune.stream_dtype).itemsize)
     c = cfg.prune.calib
     stream = c.nsamples * c.seqlen * int(hidden) * element
     return int(model_bytes * 2.2) + 4 * stream + c.nsamples * c.seqlen * 8
+
+
+def _verify_resumable(checkpoint: Checkpointer, cfg: RunConfig, mode: str, device: torch.device) -> None:
+    """:meth:`Checkpointer.verify`, saying why when ``--precision auto`` means another mode on this device."""
+    try:
+        checkpoint.verify()
+    except CheckpointDamaged:
+        raise
+    except PrunekitError:
+        if cfg.prune.precision == "auto":
+            for other in ("fp32", "bf16"):
+                if other != mode and _made_with(checkpoint, settings_fingerprint(cfg, other)):
+                    raise PrunekitError(
+                        f"the interrupted run trained in {other} (--precision auto on its device), but auto means {mode} "
+                        f"on {device}; resume it on the same kind of device (--device), or start afresh with --overwrite"
+                    ) from None
+        raise
+
+
+def _made_with(checkpoint: Checkpointer, fingerprint: str) -> bool:
+    try:
+        return Checkpointer(checkpoint.dir, fingerprint).load() is not None
+    except PrunekitError:
+        return False
 
 
 def _disk_error(e: OSError, rundir: RunDir | None, resumable: bool) -> PrunekitError:
@@ -280,6 +316,7 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
     """
     sparsity = cfg.validate()
     device = resolve_device(cfg.prune.device)  # an unavailable device is refused before any work
+    mode = precision.resolve(cfg.prune.precision, device)  # what --precision means here (auto resolved)
     if cfg.prune.offload_dir:
         probe_writable(Path(cfg.prune.offload_dir).expanduser(), "--offload-dir")
     t0 = time.perf_counter()
@@ -288,9 +325,9 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
     try:
         if rundir is not None:
             rundir.write_text("config.yaml", dump_yaml(cfg))
-            checkpoint = Checkpointer(rundir.path("checkpoint"), settings_fingerprint(cfg))
+            checkpoint = Checkpointer(rundir.path("checkpoint"), settings_fingerprint(cfg, mode))
             if resume:
-                checkpoint.verify()  # a damaged checkpoint is reported now, not after loading the model
+                _verify_resumable(checkpoint, cfg, mode, device)  # a damaged checkpoint is reported now, not after loading the model
     except OSError as e:
         if rundir is not None and not resume:
             rundir.discard()
@@ -324,6 +361,9 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
             "seqlen": report.seqlen,
             "seed": cfg.prune.calib.seed,
             "device": str(device),
+            "precision": mode,  # what ran (--precision auto resolved; tf32 off CUDA is fp32)
+            "precision_setting": cfg.prune.precision,
+            "stream_dtype": cfg.prune.stream_dtype,
         }
         metrics: dict[str, Any] = {
             "settings": settings,
@@ -346,7 +386,7 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
             metrics["zeroshot"] = zeroshot.to_dict()
             metrics["zeroshot_markdown"] = zeroshot.to_markdown()
         if report.units:
-            metrics["reconstruction"] = reconstruction_metrics(report, device)
+            metrics["reconstruction"] = reconstruction_metrics(report, device, mode)
         if rundir is not None:
             t = time.perf_counter()
             _make_room(rundir, checkpoint, int(model_bytes * 1.05))

@@ -4,6 +4,11 @@ A 70B model calibrated on 256 windows of 1024 tokens has 8 GiB per float32 strea
 reconstruction with global propagation keeps two streams plus a unit's inputs and targets. When
 they would not fit comfortably in RAM, streams are backed by a file (``torch.from_file``) in a
 temporary directory and paged in batch by batch; the rest of prunekit sees ordinary tensors.
+
+Streams may be stored narrower than they are computed (``--stream-dtype bfloat16``): half the
+memory, disk and checkpoint bytes. Writes round to the storage dtype (slice assignment casts); every
+block and unit reads its input back in its weights' dtype (:func:`prunekit.precision.as_input`), so
+computation stays in float32 (or under autocast).
 """
 
 from __future__ import annotations
@@ -35,14 +40,19 @@ class StreamAllocator:
     """Allocates streams in RAM or on disk, following ``mode``: ``auto`` | ``ram`` | ``disk``.
 
     ``auto`` goes to disk once ``copies`` streams of the requested size would take more than half
-    of the available memory (``copies`` counts the streams a run keeps at once).
+    of the available memory (``copies`` counts the streams a run keeps at once). A floating-point
+    stream wider than ``dtype`` is stored as ``dtype`` (float32 -> bfloat16); a narrower one (a
+    bfloat16 model's) keeps its own, so the default ``float32`` changes nothing.
     """
 
-    def __init__(self, mode: str = "auto", directory: str | None = None, copies: int = 4) -> None:
+    def __init__(
+        self, mode: str = "auto", directory: str | None = None, copies: int = 4, dtype: torch.dtype = torch.float32,
+    ) -> None:
         if mode not in ("auto", "ram", "disk"):
             raise ValueError(f"unknown offload mode {mode!r}")
         self.mode = mode
         self.copies = copies
+        self.dtype = dtype
         self._dir: tempfile.TemporaryDirectory | None = None
         self._root = directory
         self._count = 0
@@ -52,7 +62,14 @@ class StreamAllocator:
             return self.mode == "disk"
         return nbytes * self.copies > _RAM_FRACTION * available_ram()
 
+    def storage(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a stream of ``dtype`` is stored in."""
+        if dtype.is_floating_point and dtype.itemsize > self.dtype.itemsize:
+            return self.dtype
+        return dtype
+
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        dtype = self.storage(dtype)
         numel = 1
         for s in shape:
             numel *= s
