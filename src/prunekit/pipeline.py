@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import precision
+from .blockstore import InMemoryBlocks, StreamedBlocks
 from .checkpoint import Checkpointer
 from .capture import Captured, capture, propagate, run_block, to_device
 from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity, recon_label
@@ -191,6 +192,7 @@ class _Run:
     objective: Objective
     allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
     seed: int
+    store: InMemoryBlocks | StreamedBlocks  # where blocks live (RAM, or streamed from and to shards)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -321,17 +323,22 @@ def prune(
     progress: bool = True,
     checkpoint: Checkpointer | None = None,
     on_window: Callable[[int], None] | None = None,
+    store: StreamedBlocks | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place, window by window, reconstruct it as configured, return a :class:`PruneReport`.
 
     ``calib_ids`` (``[n, seqlen]`` token ids) overrides the calibration data named in the config.
     With a ``checkpoint``, the run saves its state after every window and, when the checkpoint holds
     a state, continues from it (``model`` must then be the original dense model). ``on_window(k)``
-    is called after window ``k`` is finished and checkpointed.
+    is called after window ``k`` is finished and checkpointed. With a ``store``
+    (:class:`prunekit.blockstore.StreamedBlocks`), ``model`` is its meta-device skeleton: blocks are
+    read from the input shards when needed and written to the output shards when final.
     """
     config = config or PruneConfig()
     t_prune = time.perf_counter()
-    run, state, streams, e2e = _start(model, tokenizer, config, calib_ids, progress, checkpoint)
+    if store is not None and checkpoint is not None:
+        raise PrunekitError("a run with weights streamed from disk cannot be checkpointed yet; run it without a checkpoint")
+    run, state, streams, e2e = _start(model, tokenizer, config, calib_ids, progress, checkpoint, store or InMemoryBlocks(model))
     rc, report = run.rc, state.report
     plan = windows(len(run.blocks), rc.window, rc.stride)
     if checkpoint is not None and state.restore(checkpoint, run.blocks, run.keep_dense, run.captured, run.device):
@@ -355,10 +362,16 @@ def prune(
         if on_window is not None:
             on_window(k)
     bar.close()
+    for j in range(state.pos, len(run.blocks)):
+        run.store.finish(j)
+    run.store.close()
     streams.close()
     if state.guard is not None:
         t = time.perf_counter()
-        _end_to_end(model, run.blocks, state.lr_states, e2e, state.guard, rc.guard)
+        if e2e is not None:
+            _end_to_end(model, run.blocks, state.lr_states, e2e, state.guard, rc.guard)
+        else:
+            state.guard.conclude(None, None, False, "weights were streamed from disk (the check needs the whole model)")
         state.guard.seconds += time.perf_counter() - t
         report.guard = state.guard
         report.timing["guard_s"] = state.guard.seconds
@@ -379,7 +392,7 @@ def prune(
 
 def _start(
     model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None, progress: bool,
-    checkpoint: Checkpointer | None,
+    checkpoint: Checkpointer | None, store: InMemoryBlocks | StreamedBlocks,
 ) -> tuple[_Run, RunState, StreamAllocator, EndToEnd | None]:
     """Validate the settings, calibrate, capture block 0's inputs, and set up the run's fixed parts and state."""
     sparsity = config.validate()
@@ -405,6 +418,11 @@ def _start(
         if calib_ids is None and checkpoint is not None:
             calib_ids = checkpoint.calibration()
         if calib_ids is None:
+            if store.streamed and (config.calib.calib == "self" or config.calib.calib_mix > 0):
+                raise PrunekitError(
+                    "self-generated calibration needs the whole model in memory, not weights streamed from disk; "
+                    "calibrate on a corpus (--calib c4) or use --weights memory"
+                )
             calib_ids = calibration_ids(model, tokenizer, config.calib, device)
         if checkpoint is not None:
             checkpoint.save_calibration(calib_ids)
@@ -422,6 +440,11 @@ def _start(
     guarded = rc.trains and rc.guard != "off" and n_held > 0
     if rc.trains and rc.guard != "off" and n_held == 0:
         report.notes.append("the reconstruction guard is off: it needs held-out calibration windows (--holdout > 0)")
+    if guarded and store.streamed:
+        report.notes.append(
+            "weights streamed from disk: the guard judged each window on held-out windows; its end-to-end check "
+            "(which needs the whole model's masks-only weights) did not run"
+        )
     # the guard compares each window's output with the dense model's at the same point
     needs_dense_stream = (rc.trains or rc.measures) and (rc.inputs == "dense" or rc.targets == "global" or guarded)
     # streams kept at once: sparse, dense, a unit's inputs and targets (when reconstructing); files
@@ -429,14 +452,19 @@ def _start(
     streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1,
                               dtype=precision.stream_dtype(config.stream_dtype))  # --stream-dtype
     bs = config.batch_size
-    captured = capture(model, layout.blocks, calib_ids, bs, device, progress, streams.empty) if needs_streams else None
+    captured = None
+    if needs_streams:
+        with store.stems():
+            captured = capture(model, layout.blocks, calib_ids, bs, device, progress, streams.empty)
+    if rc.loss == "kd" and rc.trains:
+        store.head()
     sparse = captured.hidden if captured is not None else None
     run = _Run(
         layout=layout, rc=rc, criterion=criterion, device=device, batch_size=bs, captured=captured, n=n, n_held=n_held,
         block_sparsity=[sparsity] * len(layout.blocks),
         keep_dense=rc.trains or rc.measures or (rc.window > 1 and rc.recompute_masks),
         objective=Objective(rc.loss, rc.loss_skip, _readout(model, device) if rc.loss == "kd" and rc.trains else None),
-        allocate=streams.empty, seed=config.calib.seed,
+        allocate=streams.empty, seed=config.calib.seed, store=store,
     )
     state = RunState(
         report=report, sparse=sparse, dense_stream=streams.like(sparse) if needs_dense_stream else None,
@@ -444,14 +472,14 @@ def _start(
     )
     if settings.owl:  # dense pre-pass: block outlier ratios, then block sparsities (Yin et al. 2023)
         t = time.perf_counter()
-        ratios = _outlier_ratios(layout, captured, sparse, run.train_rows, bs, device, settings.owl_m, streams)
+        ratios = _outlier_ratios(layout, captured, sparse, run.train_rows, bs, device, settings.owl_m, streams, store)
         sizes = [sum(weight_matrix(m).numel() for m in layout.block_linears(j).values()) for j in range(len(layout.blocks))]
         fractions = owl_sparsities(ratios, sizes, sparsity.fraction, settings.owl_lambda)
         run.block_sparsity = [Sparsity(fraction=f) for f in fractions]
         report.owl = OwlResult(settings.owl_m, settings.owl_lambda, ratios, fractions)
         report.timing["owl_s"] = time.perf_counter() - t
     e2e = None
-    if guarded:  # the dense reference, before any block changes (on resume, model is still the original)
+    if guarded and not store.streamed:  # the dense reference, before any block changes (on resume, model is still the original)
         t = time.perf_counter()
         e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device)
         state.guard.seconds += time.perf_counter() - t
@@ -468,6 +496,7 @@ def _advance(run: _Run, state: RunState, lo: int) -> None:
             _push(state.dense[j], j, run.captured, state.dense_stream, run.device)
         state.dense.pop(j, None)
         state.masks.pop(j, None)
+        run.store.finish(j)
         state.pos += 1
 
 
@@ -475,8 +504,8 @@ def _open_window(run: _Run, state: RunState, idx: list[int]) -> Window | None:
     """The window's blocks (and their dense copies, made when first needed) on the device."""
     for j in idx:
         if run.keep_dense and j not in state.dense:
-            state.dense[j] = copy.deepcopy(run.blocks[j])
-        run.blocks[j].to(run.device)
+            state.dense[j] = run.store.dense_copy(j)
+        run.store.open(j, run.device)
         if j in state.dense:
             state.dense[j].to(run.device)
     if run.captured is None:
@@ -560,7 +589,8 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
             )
         guard.windows.append({"window": k, "blocks": idx, "lr": err_lr, "recon": err_rec, "worse": worse,
                               "reverted": worse and rc.guard == "revert"})
-        state.lr_states.update(snap)
+        if not run.store.streamed:  # masks-only weights of the whole model, for the end-to-end check
+            state.lr_states.update(snap)
         del reference, snap
         guard.seconds += time.perf_counter() - tg
     state.recon_s += time.perf_counter() - t
@@ -577,7 +607,7 @@ def _verify(run: _Run, state: RunState, idx: list[int]) -> None:
             state.report.per_layer[full] = check_layer(
                 full, w, mask, run.block_sparsity[j], expected_fraction(tuple(w.shape), run.block_sparsity[j], scope),
             )
-        run.blocks[j].to("cpu")
+        run.store.park(j)
         if j in state.dense:
             state.dense[j].to("cpu")
 
@@ -585,14 +615,14 @@ def _verify(run: _Run, state: RunState, idx: list[int]) -> None:
 @torch.no_grad()
 def _outlier_ratios(
     layout, captured: Captured, block0_inputs: torch.Tensor, rows: torch.Tensor, batch_size: int,
-    device: torch.device, m: float, streams: StreamAllocator,
+    device: torch.device, m: float, streams: StreamAllocator, store: InMemoryBlocks | StreamedBlocks,
 ) -> list[float]:
     """Each block's OWL outlier ratio on the dense model's own activations (one pass over the blocks)."""
     stream = streams.like(block0_inputs)
     stream.copy_(block0_inputs)
     ratios = []
-    for j, block in enumerate(layout.blocks):
-        block.to(device)
+    for j in range(len(layout.blocks)):
+        block = store.visit(j, device)
         linears = layout.block_linears(j)
         stats = collect_stats(
             block, layout.input_groups(j), linears, stream[: rows.numel()], lambda r, j=j: captured.kwargs_for(j, r),
@@ -604,7 +634,7 @@ def _outlier_ratios(
         for acc in set(stats.values()):
             acc.free()
         propagate(block, j, captured, stream, device)
-        block.to("cpu")
+        store.leave(j)
     del stream
     return ratios
 

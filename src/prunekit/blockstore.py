@@ -1,0 +1,164 @@
+"""Where the pruning driver's blocks live: in the model in RAM, or streamed from safetensors shards.
+
+The driver (:mod:`prunekit.pipeline`) asks for a block when a window needs it, parks it between
+windows, asks for a dense copy of its original weights (global propagation, recomputed masks), and
+says when the streams have passed it for good. :class:`InMemoryBlocks` (the default) keeps every
+block in the model in RAM, as before; :class:`StreamedBlocks` keeps the model as a meta-device
+skeleton (:class:`prunekit.shards.StreamedModel`), reads a block from the input shards when its
+first window opens, writes it to the output shards (:class:`prunekit.shards.ShardWriter`) and
+drops it as soon as it is final, so peak host memory is the embeddings + a window of blocks + the
+activation streams, whatever the number of blocks. :class:`ShardWeights` is the same skeleton as a
+source for the block-by-block evaluation (:mod:`prunekit.blockwalk`).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .families import Readout, discover
+from .shards import ShardWriter, StreamedModel
+
+
+class InMemoryBlocks:
+    """Every block stays in the model, in RAM; a block visits the device for the passes that use it."""
+
+    streamed = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = discover(model).blocks
+
+    def open(self, j: int, device: torch.device) -> nn.Module:
+        """Block ``j`` on ``device``, for a window that prunes or reconstructs it."""
+        return self.blocks[j].to(device)
+
+    def park(self, j: int) -> None:
+        """Between windows: block ``j`` back in host memory."""
+        self.blocks[j].to("cpu")
+
+    def dense_copy(self, j: int) -> nn.Module:
+        """A copy of block ``j`` with its original weights (call before the block is changed)."""
+        return copy.deepcopy(self.blocks[j])
+
+    def visit(self, j: int, device: torch.device) -> nn.Module:
+        """Block ``j`` on ``device`` for a read-only pass (OWL's dense pre-pass); :meth:`leave` after."""
+        return self.blocks[j].to(device)
+
+    def leave(self, j: int) -> None:
+        self.blocks[j].to("cpu")
+
+    def finish(self, j: int) -> None:
+        """Block ``j`` is final and the streams have passed it."""
+
+    @contextmanager
+    def stems(self) -> Iterator[None]:
+        """The modules before the blocks, for capturing block 0's inputs (here they are always loaded)."""
+        yield
+
+    def head(self) -> None:
+        """Load the final norm and LM head for the run (the kd objective reads through them)."""
+
+    def close(self) -> None:
+        """The run is over: nothing to write, the model holds every block."""
+
+
+class StreamedBlocks:
+    """Blocks read from the input shards when first needed and written to the output shards when final."""
+
+    streamed = True
+
+    def __init__(self, model: StreamedModel, writer: ShardWriter) -> None:
+        self.sm = model
+        self.writer = writer
+        self.blocks = model.layout.blocks
+        self._live: set[int] = set()  # materialised blocks (changed, not yet written)
+        self._head = False
+
+    def open(self, j: int, device: torch.device) -> nn.Module:
+        if j not in self._live:
+            self.sm.materialize(j, "cpu")
+            self._live.add(j)
+        return self.blocks[j].to(device)
+
+    def park(self, j: int) -> None:
+        self.blocks[j].to("cpu")
+
+    def dense_copy(self, j: int) -> nn.Module:
+        return self.sm.dense_block(j, "cpu")  # re-read from the shards, never kept beside the block
+
+    def visit(self, j: int, device: torch.device) -> nn.Module:
+        return self.sm.materialize(j, device)
+
+    def leave(self, j: int) -> None:
+        self.sm.release(j)
+
+    def finish(self, j: int) -> None:
+        if j in self._live:
+            self.blocks[j].to("cpu")
+            self.writer.add(self.sm.save_state(j))
+            self.sm.release(j)
+            self._live.discard(j)
+
+    @contextmanager
+    def stems(self) -> Iterator[None]:
+        # capture() runs the skeleton's own forward up to block 0 and moves every module outside the
+        # blocks, the final norm included, so both must hold real weights meanwhile
+        norm = self.sm.layout.family.final_norm
+        self.sm.materialize("input")
+        self.sm.materialize(norm)
+        try:
+            yield
+        finally:
+            self.sm.release(norm)
+            self.sm.release("input")
+
+    def head(self) -> None:
+        if not self._head:
+            self.sm.materialize("head")
+            self._head = True
+
+    def close(self) -> None:
+        """Write the blocks still held, then the parts the run never changes (embeddings, norm, head)."""
+        for j in sorted(self._live):
+            self.finish(j)
+        for part in ("input", "head"):
+            if part == "head" and self._head:
+                self.writer.add(self.sm.save_state(part))
+                continue
+            self.sm.materialize(part)
+            self.writer.add(self.sm.save_state(part))
+            self.sm.release(part)
+        if self._head:
+            self.sm.release("head")
+            self._head = False
+
+
+class ShardWeights:
+    """A :class:`prunekit.blockwalk.WeightSource` over a streamed skeleton: parts read onto the device when used."""
+
+    def __init__(self, model: StreamedModel, device: torch.device | str) -> None:
+        self.sm = model
+        self.device = torch.device(device)
+
+    def load_stem(self) -> None:
+        self.sm.materialize("input", self.device)
+
+    def release_stem(self) -> None:
+        self.sm.release("input")
+
+    def load(self, index: int) -> nn.Module:
+        return self.sm.materialize(index, self.device)
+
+    def release(self, index: int) -> None:
+        self.sm.release(index)
+
+    def load_head(self) -> Readout:
+        self.sm.materialize("head", self.device)
+        return Readout(self.sm.model)
+
+    def release_head(self) -> None:
+        self.sm.release("head")
