@@ -86,3 +86,58 @@ def test_streamed_run_refuses_self_generated_calibration(tmp_path):
     cfg.calib.calib = "self"
     with pytest.raises(PrunekitError, match="self-generated calibration needs the whole model"):
         prunekit.prune(sm.model, None, cfg, progress=False, store=StreamedBlocks(sm, ShardWriter(tmp_path / "out")))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _cli(model_dir, corpus, out, *extra):
+    from prunekit.cli import main
+
+    return main([
+        "prune", "--model", str(model_dir), "--calib", str(corpus), "--nsamples", "4", "--seqlen", "16",
+        "--eval", str(corpus), "--eval-seqlen", "32", "--eval-windows", "3", "--device", "cpu", "--batch-size", "2",
+        "--method", "sparsegpt", "--recon", "br-gp", "--epochs", "1", "--out", str(out), *extra,
+    ])
+
+
+def test_cli_streamed_run_saves_and_evaluates_as_the_in_memory_run(model_dir, word_text, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    assert _cli(model_dir, word_text, tmp_path / "mem", "--weights", "memory") == 0
+    assert _cli(model_dir, word_text, tmp_path / "stream", "--weights", "stream", "--max-shard-size", "30KB") == 0
+    mem = load_file(tmp_path / "mem" / "model.safetensors")
+    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()  # sharded
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").state_dict()
+    assert all(torch.equal(v, streamed[k]) for k, v in mem.items())
+    m_mem = json.loads((tmp_path / "mem" / "metrics.json").read_text())
+    m_str = json.loads((tmp_path / "stream" / "metrics.json").read_text())
+    (name,) = m_mem["perplexity"]
+    assert m_str["perplexity"][name] == pytest.approx(m_mem["perplexity"][name], rel=1e-5)
+    assert any("streamed" in n for n in m_str["notes"])
+    assert not (tmp_path / "stream" / "checkpoint").exists()
+    assert (tmp_path / "stream" / "tokenizer.json").is_file()
+
+
+def test_cli_streaming_refusals_are_one_line(model_dir, word_text, tmp_path, capsys):
+    from test_hardening import one_error_line
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert _cli(gguf, word_text, tmp_path / "a", "--weights", "stream") == 2
+    one_error_line(capsys, "--weights stream reads a local directory of safetensors")
+    assert _cli(model_dir, word_text, tmp_path / "b", "--weights", "stream", "--calib", "self") == 2
+    one_error_line(capsys, "self-generated calibration needs the whole model")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b*"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert _cli(broken, word_text, tmp_path / "c", "--weights", "stream") == 2
+    assert "model.safetensors" in one_error_line(capsys)
+    assert _cli(model_dir, word_text, tmp_path / "d", "--weights", "sometimes") == 2
+    one_error_line(capsys, "unknown weights")

@@ -91,10 +91,16 @@ class ModelConfig:
     trust_remote_code: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N; the model stays on CPU, one block at a time moves here
     allow_pickle: bool = False  # read pickle weights (pytorch_model.bin); pickle can run code, so only on request
+    # auto | memory | stream: load the whole model into RAM, or read each block from a local safetensors
+    # directory when it is needed and write it out when final (auto: stream when the model would not fit)
+    weights: str = "auto"
+    max_shard_size: str = "5GB"  # shard size of a model written while streaming
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise PrunekitError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.weights not in ("auto", "memory", "stream"):
+            raise PrunekitError(f"unknown weights {self.weights!r}; choose auto, memory or stream")
         check_device(self.device)
 
 

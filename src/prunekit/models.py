@@ -182,6 +182,49 @@ def load_model(
     return model, tokenizer
 
 
+def streamed_source(name: str, weights: str, dtype: str) -> Path | None:
+    """The local safetensors directory to stream ``name``'s weights from, or None for the in-memory path.
+
+    ``stream`` needs a local directory of safetensors (a GGUF file or a hub id is converted once:
+    load it and ``save_pretrained``); ``auto`` streams such a directory when its weights would take
+    more than half of the available RAM (:func:`prunekit.shards.stream_weights`).
+    """
+    if weights == "memory":
+        return None
+    from .shards import open_sharded, stream_weights
+
+    source = resolve_alias(name)
+    path = Path(source).expanduser()
+    local = path.is_dir() and not source.endswith(".gguf")
+    if weights == "stream":
+        if not local:
+            raise PrunekitError(
+                f"--weights stream reads a local directory of safetensors, and {name} is not one; save the model once "
+                "with save_pretrained (e.g. after `prunekit eval --model ...`) or use --weights memory"
+            )
+        open_sharded(path)  # one line naming the file when the directory is not usable
+        return path
+    if not local or not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return None
+    try:
+        return path if stream_weights(path, _DTYPES[dtype]) else None
+    except PrunekitError:  # damaged files: the loader reports them as it reports them for any model
+        return None
+
+
+def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a local model directory, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _load_failed(str(directory), e) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def context_length(model: nn.Module) -> int | None:
     cfg = model.config
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):

@@ -25,17 +25,19 @@ import hashlib
 import json
 
 from . import precision
-from .blockwalk import choose_walk
+from .blockstore import ShardWeights, StreamedBlocks
+from .blockwalk import WeightSource, choose_walk
 from .checkpoint import CheckpointDamaged, Checkpointer
 from .config import RunConfig, dump_yaml, get_leaf, load_yaml, set_leaf, to_dict
 from .data import eval_text, eval_windows
 from .errors import PrunekitError
 from .evaluate import Perplexity, effective_seqlen, perplexity_of_ids
-from .models import load_model, save_model
+from .models import _DTYPES, load_model, load_tokenizer, save_model, streamed_source
 from .pipeline import prune, resolve_device
 from .report import plot_unit_errors, render_markdown, summary_lines
 from .rundir import RunDir, probe_writable
 from .selfgen import self_calibration
+from .shards import ShardWriter, StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,10 @@ def prepare_eval_sets(
     return sets
 
 
-def run_zeroshot(model: nn.Module, tokenizer, ev, data_dir: str | None, device: torch.device, walk: str | None = None):
+def run_zeroshot(
+    model: nn.Module, tokenizer, ev, data_dir: str | None, device: torch.device, walk: str | None = None,
+    source: WeightSource | None = None,
+):
     """Zero-shot accuracy on ``ev.eval_tasks`` (see :mod:`prunekit.zeroshot`), or lm-eval's dict.
 
     ``walk`` (default ``ev.eval_walk``) is the whole model on the device or a block-by-block walk
@@ -111,16 +116,18 @@ def run_zeroshot(model: nn.Module, tokenizer, ev, data_dir: str | None, device: 
         ))
     return evaluate_tasks(
         model, tokenizer, parse_tasks(ev.eval_tasks), data_dir=data_dir, limit=ev.eval_limit or None,
-        batch_size=ev.eval_batch_size, device=device, walk=walk,
+        batch_size=ev.eval_batch_size, device=device, walk=walk, source=source,
     )
 
 
 def evaluate_sets(
-    model: nn.Module, sets: list[EvalSet], batch_size: int, device: torch.device, walk: str = "auto"
+    model: nn.Module, sets: list[EvalSet], batch_size: int, device: torch.device, walk: str = "auto",
+    source: WeightSource | None = None,
 ) -> list[Perplexity]:
-    """Perplexity on each set; ``walk`` is chosen once for all of them (:func:`prunekit.blockwalk.choose_walk`)."""
+    """Perplexity on each set; ``walk`` is chosen once for all of them (:func:`prunekit.blockwalk.choose_walk`);
+    with a ``source`` (weights read from shards) the model is walked block by block."""
     walk = choose_walk(walk, [model], device) if sets else walk
-    return [perplexity_of_ids(model, s.name, s.windows, batch_size, device, walk) for s in sets]
+    return [perplexity_of_ids(model, s.name, s.windows, batch_size, device, walk, source) for s in sets]
 
 
 def matmul_gflops(device: torch.device, size: int = 1024, seconds: float = 1.0, mode: str = "fp32") -> float:
@@ -194,6 +201,8 @@ def settings_fingerprint(cfg: RunConfig, mode: str | None = None) -> str:
         d.pop(key, None)
     d["model"].pop("device", None)
     d["model"].pop("allow_pickle", None)
+    d["model"].pop("weights", None)  # where weights live, never what they become
+    d["model"].pop("max_shard_size", None)
     for key in ("device", "offload", "offload_dir", "checkpoint_every"):
         d["prune"].pop(key, None)
     d["prune"]["calib"].pop("cache_dir", None)
@@ -204,7 +213,8 @@ def settings_fingerprint(cfg: RunConfig, mode: str | None = None) -> str:
 # Settings a resumed run may change: they move the work or its scratch files, never the result.
 # Everything else (evaluation settings included: they do not change the pruned model, but they do
 # change metrics.json, and a resumed run must end as the uninterrupted one would) is refused.
-RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle", "checkpoint_every", "eval_walk")
+RESUME_FREE = ("device", "offload", "offload_dir", "cache_dir", "allow_pickle", "checkpoint_every", "eval_walk",
+               "weights", "max_shard_size")
 
 
 def resume_config(out: str) -> RunConfig:
@@ -320,11 +330,20 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
     if cfg.prune.offload_dir:
         probe_writable(Path(cfg.prune.offload_dir).expanduser(), "--offload-dir")
     t0 = time.perf_counter()
-    rundir = RunDir(cfg.out, cfg.overwrite, resume=resume, resumable=True) if cfg.out else None
+    stream_dir = streamed_source(cfg.model.model, cfg.model.weights, cfg.model.dtype)
+    if stream_dir is not None and not cfg.out:
+        raise PrunekitError("a model streamed from disk is written block by block as it is pruned: give --out")
+    if stream_dir is not None and resume:
+        raise PrunekitError(
+            "runs with weights streamed from disk cannot be resumed yet; start it over with --overwrite "
+            "(or with --weights memory when the model fits in RAM)"
+        )
+    rundir = RunDir(cfg.out, cfg.overwrite, resume=resume, resumable=stream_dir is None) if cfg.out else None
     checkpoint = None
     try:
         if rundir is not None:
             rundir.write_text("config.yaml", dump_yaml(cfg))
+        if rundir is not None and stream_dir is None:
             checkpoint = Checkpointer(rundir.path("checkpoint"), settings_fingerprint(cfg, mode))
             if resume:
                 _verify_resumable(checkpoint, cfg, mode, device)  # a damaged checkpoint is reported now, not after loading the model
@@ -332,20 +351,38 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
         if rundir is not None and not resume:
             rundir.discard()
         raise _disk_error(e, rundir, resume) from None
+    store = writer = None
     try:
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
+        if stream_dir is not None:  # a skeleton on the meta device; blocks are read when needed
+            sm = StreamedModel(stream_dir, _DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)
+            model, tokenizer = sm.model, load_tokenizer(stream_dir, cfg.model.trust_remote_code)
+            writer = ShardWriter(rundir.tmp, cfg.model.max_shard_size, in_place=True)
+            store = StreamedBlocks(sm, writer)
+            log.info("weights are streamed from %s, one window of blocks at a time", stream_dir)
+        else:
+            model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
         load_s = time.perf_counter() - t0
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if rundir is not None:  # now the size is known: fail before the work if it cannot be saved
             have = checkpoint.size_on_disk() if checkpoint is not None else 0
-            rundir.check_space(int(model_bytes * 1.2) + max(checkpoint_bytes(model, cfg, model_bytes) - have, 0),
-                               "the run (its checkpoint and the saved model)")
-        sets = prepare_eval_sets(model, tokenizer, cfg, device, fallback=eval_fallback)
-        model, report = prune(model, tokenizer, cfg.prune, checkpoint=checkpoint)
+            need = 0 if checkpoint is None else max(checkpoint_bytes(model, cfg, model_bytes) - have, 0)
+            rundir.check_space(int(model_bytes * 1.2) + need, "the run (its checkpoint and the saved model)")
+        # text generated by the model itself needs all of it in memory: not when streaming
+        sets = prepare_eval_sets(model, tokenizer, cfg, device, fallback=eval_fallback and store is None)
+        model, report = prune(model, tokenizer, cfg.prune, checkpoint=checkpoint, store=store)
+        source = None
+        if writer is not None:  # the pruned model is complete on disk: evaluate it from there
+            t = time.perf_counter()
+            model.config.use_cache = True
+            writer.finish(config=model.config, copy_from=stream_dir, expected=sm.saved_names())
+            report.timing["save_s"] = time.perf_counter() - t
+            pruned = StreamedModel(rundir.tmp, _DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)
+            model, source = pruned.model, ShardWeights(pruned, device)
         t = time.perf_counter()
         walk = choose_walk(cfg.eval.eval_walk, [model], device) if sets or cfg.eval.eval_tasks else cfg.eval.eval_walk
-        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device, walk)
-        zeroshot = run_zeroshot(model, tokenizer, cfg.eval, cfg.prune.calib.data_dir, device, walk) if cfg.eval.eval_tasks else None
+        results = evaluate_sets(model, sets, cfg.eval.eval_batch_size, device, walk, source)
+        zeroshot = (run_zeroshot(model, tokenizer, cfg.eval, cfg.prune.calib.data_dir, device, walk, source)
+                    if cfg.eval.eval_tasks else None)
         eval_s = time.perf_counter() - t
         notes = list(report.notes) + [s.note for s in sets if s.note]
         if report.units:
@@ -387,7 +424,7 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
             metrics["zeroshot_markdown"] = zeroshot.to_markdown()
         if report.units:
             metrics["reconstruction"] = reconstruction_metrics(report, device, mode)
-        if rundir is not None:
+        if rundir is not None and store is None:
             t = time.perf_counter()
             _make_room(rundir, checkpoint, int(model_bytes * 1.05))
             save_model(model, tokenizer, rundir.tmp)
