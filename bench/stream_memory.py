@@ -5,8 +5,8 @@ about 1B parameters saved as sharded safetensors, with peak host memory above th
 streams at most 25% of the model's size, and a result that plain transformers reloads.
 
 1. Build the models once (random weights, seed 0) under bench/work/stream-memory/: ``llama-1b``
-   (hidden 2048, MLP 5504, 16 heads, 16 blocks, vocab 32000, untied head: 4.0 GB in float32) and
-   ``llama-1b-2blocks`` (the same with 2 blocks), saved with ``max_shard_size=1GB``, with a
+   (hidden 2048, MLP 5504, 16 heads, 16 blocks, vocab 32000, untied head: 3.8 GB in float32) and
+   ``llama-1b-2blocks`` (the same with 2 blocks), saved with ``max_shard_size=500MB``, with a
    word-level tokenizer (``w0 ... w31999``) and a random-word corpus for calibration.
 2. Every configuration runs in a fresh process (``prunekit prune``, C4-free: the corpus file),
    8 windows of 128 tokens, batch 4, no evaluation, saved to a temporary --out; peak RSS from
@@ -41,7 +41,7 @@ SHAPE = dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16, n
 def build(name: str, layers: int) -> Path:
     """A random Llama saved as sharded safetensors with a word-level tokenizer (built once)."""
     path = WORK / name
-    if (path / "model.safetensors.index.json").is_file():
+    if (path / "config.json").is_file():
         return path
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -51,7 +51,7 @@ def build(name: str, layers: int) -> Path:
     config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=2048, tie_word_embeddings=False, **SHAPE)
     model = LlamaForCausalLM(config)
     tmp = path.with_name(f".{name}.partial")
-    model.save_pretrained(tmp, max_shard_size="1GB")
+    model.save_pretrained(tmp, max_shard_size="500MB")
     vocab = {f"w{i}": i for i in range(SHAPE["vocab_size"])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -108,7 +108,12 @@ def child(*args: str) -> dict:
 
 
 def weight_bytes(path: Path) -> int:
-    return json.loads((path / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    """Bytes of tensor data in a directory's safetensors files (file size minus each header)."""
+    total = 0
+    for f in path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            total += f.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    return total
 
 
 def main() -> None:
@@ -129,7 +134,7 @@ def main() -> None:
                 out = Path(tmp) / f"{model}-{recon}-{weights}"
                 args = ["prune", "--model", str(models[model]), "--method", "wanda", "--recon", recon, "--calib", str(text),
                         "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--batch-size", str(BATCH),
-                        "--eval", "none", "--device", "cpu", "--weights", weights, "--max-shard-size", "1GB",
+                        "--eval", "none", "--device", "cpu", "--weights", weights, "--max-shard-size", "500MB",
                         "--out", str(out)]
                 if recon != "lr":
                     args += ["--epochs", "1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_model, random_ids
+from test_resume import _cfg as resume_cfg
 from transformers import AutoModelForCausalLM
 
 import prunekit
@@ -17,12 +18,8 @@ CALIB = random_ids(6, 16, seed=5)
 
 
 def _cfg(recon: str, method: str, **recon_extra) -> PruneConfig:
-    cfg = PruneConfig(batch_size=2, device="cpu")
-    cfg.sparsity.method = method
-    cfg.recon.recon = recon
-    if recon != "lr":
-        cfg.recon.epochs = 2
-        cfg.recon.lr = 1e-2
+    """The resume tests' settings (2 epochs at lr 1e-2 when reconstructing), with ``recon_extra`` on top."""
+    cfg = resume_cfg(recon, method)
     for k, v in recon_extra.items():
         setattr(cfg.recon, k, v)
     return cfg
@@ -63,6 +60,47 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path, family, recon, method):
         assert report.guard.windows == ref_report.guard.windows
         assert report.guard.end_to_end["compared"] is False  # needs the whole model: said, not skipped silently
         assert any("streamed" in n for n in report.notes)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("recon", "every"), [("br-gp", 10.0), ("br-gp-cr", 10.0), ("br-gp-cr", 0.0), ("lr", 0.0)])
+def test_streamed_run_killed_and_resumed_equals_the_in_memory_run(tmp_path, recon, every):
+    """Finished blocks are in the output shards (committed at each checkpoint); the resumed run reads
+    them back to replay the streams and ends with the same model as an uninterrupted in-memory run."""
+    from prunekit.checkpoint import Checkpointer
+
+    model = make_tiny_model("llama", layers=4)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="20KB")
+    cfg = _cfg(recon, "sparsegpt")
+    cfg.checkpoint_every = every
+    prunekit.prune(model, None, cfg, calib_ids=CALIB, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def kill(k: int) -> None:
+        if k == 2:
+            raise Killed
+
+    sm = StreamedModel(src, attn_implementation="eager")
+    with pytest.raises(Killed):
+        prunekit.prune(sm.model, None, cfg, calib_ids=CALIB, progress=False, checkpoint=Checkpointer(out / "ckpt", "x"),
+                       on_window=kill, store=StreamedBlocks(sm, ShardWriter(out, "20KB", in_place=True)))
+    assert not list((out / "ckpt" / "blocks").glob("?.safetensors"))  # final blocks are in the output only
+    sm = StreamedModel(src, attn_implementation="eager")
+    writer = ShardWriter(out, "20KB", in_place=True, resume=True)
+    assert writer.names  # blocks finished before the stop
+    finished = []
+    _, report = prunekit.prune(sm.model, None, cfg, progress=False, checkpoint=Checkpointer(out / "ckpt", "x"),
+                               on_window=finished.append, store=StreamedBlocks(sm, writer))
+    assert finished[0] == 3
+    sm.model.config.use_cache = True
+    writer.finish(config=sm.model.config, copy_from=src, expected=sm.saved_names())
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in model.state_dict().items())
 
 
 def test_streamed_kd_and_owl_equal_in_memory(tmp_path):
@@ -118,7 +156,23 @@ def test_cli_streamed_run_saves_and_evaluates_as_the_in_memory_run(model_dir, wo
     assert m_str["perplexity"][name] == pytest.approx(m_mem["perplexity"][name], rel=1e-5)
     assert any("streamed" in n for n in m_str["notes"])
     assert not (tmp_path / "stream" / "checkpoint").exists()
+    assert m_str["checkpoint_bytes"] < m_mem["checkpoint_bytes"]  # finished blocks are checkpointed by the output itself
     assert (tmp_path / "stream" / "tokenizer.json").is_file()
+
+
+def test_cli_streamed_run_interrupted_then_resumed(model_dir, word_text, tmp_path, monkeypatch):
+    from test_faults import _interrupt_after
+
+    from prunekit.cli import main
+
+    assert _cli(model_dir, word_text, tmp_path / "whole", "--weights", "stream", "--max-shard-size", "30KB") == 0
+    undo = _interrupt_after(1, monkeypatch)
+    assert _cli(model_dir, word_text, tmp_path / "run", "--weights", "stream", "--max-shard-size", "30KB") == 130
+    undo()
+    assert main(["prune", "--resume", str(tmp_path / "run")]) == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "run").state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
 def test_cli_streaming_refusals_are_one_line(model_dir, word_text, tmp_path, capsys):

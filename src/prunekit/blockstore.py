@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .checkpoint import Checkpointer
 from .families import Readout, discover
 from .shards import ShardWriter, StreamedModel
 
@@ -54,6 +55,17 @@ class InMemoryBlocks:
     def finish(self, j: int) -> None:
         """Block ``j`` is final and the streams have passed it."""
 
+    def persist(self, j: int) -> bool:
+        """Make final block ``j`` durable for a checkpoint; False: the checkpoint must write it itself."""
+        return False
+
+    def final_state(self, j: int, checkpoint: Checkpointer) -> dict[str, torch.Tensor]:
+        """Block ``j``'s final weights as a resumed run reads them back."""
+        return checkpoint.block_state(j)
+
+    def resumed(self, written: list[int]) -> None:
+        """On resume: the blocks that :meth:`persist` made durable before the interruption."""
+
     @contextmanager
     def stems(self) -> Iterator[None]:
         """The modules before the blocks, for capturing block 0's inputs (here they are always loaded)."""
@@ -75,7 +87,8 @@ class StreamedBlocks:
         self.sm = model
         self.writer = writer
         self.blocks = model.layout.blocks
-        self._live: set[int] = set()  # materialised blocks (changed, not yet written)
+        self._live: set[int] = set()  # materialised blocks
+        self.written: set[int] = set()  # blocks in the output shards
         self._head = False
 
     def open(self, j: int, device: torch.device) -> nn.Module:
@@ -99,9 +112,32 @@ class StreamedBlocks:
     def finish(self, j: int) -> None:
         if j in self._live:
             self.blocks[j].to("cpu")
-            self.writer.add(self.sm.save_state(j))
+            self._write(j)
             self.sm.release(j)
             self._live.discard(j)
+
+    def _write(self, j: int) -> None:
+        if j in self.written:
+            return
+        state = self.sm.save_state(j)
+        if not set(state) <= self.writer.names:  # else a rerun window made it again, bit for bit: written already
+            self.writer.add(state)
+        self.written.add(j)
+
+    def persist(self, j: int) -> bool:
+        """Final block ``j`` goes to the output shards now (the output is the checkpoint of finished
+        blocks), and stays in memory until the streams have passed it."""
+        self._write(j)
+        self.writer.commit()
+        return True
+
+    def final_state(self, j: int, checkpoint: Checkpointer) -> dict[str, torch.Tensor]:
+        names = self.sm.saved_names_of(j)
+        saved = self.writer.read(names.values())
+        return {local: saved[name] for local, name in names.items()}
+
+    def resumed(self, written: list[int]) -> None:
+        self.written = set(written)
 
     @contextmanager
     def stems(self) -> Iterator[None]:

@@ -136,13 +136,15 @@ class Checkpointer:
         report: dict[str, Any],
         lr_states: dict[int, dict[str, torch.Tensor]] | None = None,
         streams: dict[str, torch.Tensor | None] | None = None,
+        final_elsewhere: list[int] | None = None,
     ) -> None:
         """Record that windows up to ``window`` are done, the streams being at the input of block ``pos``.
 
         ``final`` are blocks no later window changes (written once each, with their masks-only
         weights ``lr_states`` for the guard); ``pending`` are blocks later windows still change,
         with ``masks`` (the masks of pending blocks). ``streams`` (sparse and dense, at ``pos``)
-        are written when given; otherwise the state keeps the last saved ones.
+        are written when given; otherwise the state keeps the last saved ones. ``final_elsewhere``
+        are final blocks made durable elsewhere (the output shards of a streamed run).
         """
         for j, block in final.items():
             if j not in self._final:
@@ -169,6 +171,7 @@ class Checkpointer:
             "pos": pos,
             "final": {str(j): f for j, f in self._final.items()},
             "final_lr": {str(j): f for j, f in self._final_lr.items()},
+            "final_elsewhere": sorted(final_elsewhere or []),
             "pending": {str(j): f for j, f in pending_files.items()},
             "tensor_file": tensor_file,
             "streams": self._streams,
@@ -246,6 +249,7 @@ class Checkpointer:
             final = {int(j): str(f) for j, f in state["final"].items()}
             final_lr = {int(j): str(f) for j, f in state["final_lr"].items()}
             pending = {int(j): str(f) for j, f in state["pending"].items()}
+            elsewhere = [int(j) for j in state["final_elsewhere"]]
             saved_streams = state["streams"]
             files = [state["tensor_file"], *final.values(), *final_lr.values(), *pending.values()]
             if saved_streams is not None:
@@ -273,6 +277,7 @@ class Checkpointer:
         self._pending = pending
         return {
             "fingerprint": fingerprint, "window": window, "pos": pos, "final": dict(final), "final_lr": dict(final_lr),
+            "final_elsewhere": elsewhere,
             "pending": dict(pending), "streams": streams, "masks": masks, "report": report,
         }
 

@@ -22,7 +22,6 @@ baseline) step 3 is skipped and no dense copy is made; magnitude needs no calibr
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Callable
@@ -237,20 +236,23 @@ class RunState:
     recon_s: float = 0.0
     streams_saved_at: float = field(default_factory=time.perf_counter)  # when streams were last checkpointed
 
-    def save(self, checkpoint: Checkpointer, k: int, blocks: nn.ModuleList, idx: list[int], next_lo: int,
-             every_s: float) -> None:
+    def save(self, checkpoint: Checkpointer, k: int, store: InMemoryBlocks | StreamedBlocks, idx: list[int],
+             next_lo: int, every_s: float) -> None:
         """Record that window ``k`` (blocks ``idx``) is finished; blocks below ``next_lo`` are final.
 
-        The streams are written only when ``every_s`` seconds have passed since they last were (0:
-        after every window): a resumed run replays them through the finished blocks instead.
+        Final blocks are written once: into the checkpoint, or, streaming, into the output shards
+        (``store.persist``). The streams are written only when ``every_s`` seconds have passed since
+        they last were (0: after every window): a resumed run replays them through the finished blocks.
         """
         now = time.perf_counter()
         with_streams = now - self.streams_saved_at >= every_s
         guard = self.guard
         final = [j for j in idx if j < next_lo]
+        elsewhere = [j for j in final if store.persist(j)]
+        blocks = store.blocks
         checkpoint.save(
             k, self.pos,
-            final={j: blocks[j] for j in final},
+            final={j: blocks[j] for j in final if j not in elsewhere},
             pending={j: blocks[j] for j in idx if j >= next_lo},
             masks={j: m for j, m in self.masks.items() if j >= next_lo},
             report={"per_layer": self.report.per_layer, "notes": self.report.notes,
@@ -259,14 +261,15 @@ class RunState:
                     "checkpoint_bytes": checkpoint.bytes_written},
             lr_states={j: self.lr_states[j] for j in final if j in self.lr_states},
             streams={"sparse": self.sparse, "dense": self.dense_stream} if with_streams else None,
+            final_elsewhere=sorted(getattr(store, "written", ())),
         )
         if with_streams:
             self.streams_saved_at = time.perf_counter()
         self.window = k + 1
 
-    def restore(self, checkpoint: Checkpointer, blocks: nn.ModuleList, keep_dense: bool, captured: Captured | None,
-                device: torch.device) -> bool:
-        """Continue from the checkpoint's last state (``blocks`` are still the original ones); False if none.
+    def restore(self, checkpoint: Checkpointer, store: InMemoryBlocks | StreamedBlocks, keep_dense: bool,
+                captured: Captured | None, device: torch.device) -> bool:
+        """Continue from the checkpoint's last state (the store's blocks are still the original ones); False if none.
 
         The streams come back from the last saved ones (or block 0's inputs, just captured again)
         pushed through the finished blocks in between, exactly as the interrupted run pushed them:
@@ -277,6 +280,7 @@ class RunState:
         if state is None:
             return False
         self.window, self.pos = state["window"] + 1, state["pos"]
+        store.resumed(state["final_elsewhere"])
         saved = state["streams"]
         start = 0
         if saved is not None:
@@ -285,21 +289,27 @@ class RunState:
                 self.sparse.copy_(saved["sparse"])
             if self.dense_stream is not None:
                 self.dense_stream.copy_(saved["dense"])
-        for j in sorted(state["final"]):
-            if j < start:
-                blocks[j].load_state_dict(checkpoint.block_state(j))
+        for j in sorted({*state["final"], *state["final_elsewhere"]}):
+            if j < start:  # passed by the saved streams
+                if not store.streamed:
+                    store.blocks[j].load_state_dict(store.final_state(j, checkpoint))
             elif j < self.pos:  # replay the streams through it
                 if self.dense_stream is not None:
-                    _push(blocks[j], j, captured, self.dense_stream, device)
-                blocks[j].load_state_dict(checkpoint.block_state(j))
+                    _push(store.visit(j, device), j, captured, self.dense_stream, device)
+                    store.leave(j)
+                block = store.open(j, torch.device("cpu"))
+                block.load_state_dict(store.final_state(j, checkpoint))
                 if self.sparse is not None:
-                    _push(blocks[j], j, captured, self.sparse, device)
-        for kind in ("final", "pending"):  # blocks the streams have not passed: dense copies from the original
-            for j in state[kind]:
-                if j >= self.pos:
-                    if keep_dense:
-                        self.dense[j] = copy.deepcopy(blocks[j])
-                    blocks[j].load_state_dict(checkpoint.block_state(j, kind))
+                    _push(block, j, captured, self.sparse, device)
+                store.finish(j)
+            else:  # the streams have not passed it: a dense copy from the original, then its final weights
+                if keep_dense:
+                    self.dense[j] = store.dense_copy(j)
+                store.open(j, torch.device("cpu")).load_state_dict(store.final_state(j, checkpoint))
+        for j in state["pending"]:
+            if keep_dense:
+                self.dense[j] = store.dense_copy(j)
+            store.open(j, torch.device("cpu")).load_state_dict(checkpoint.block_state(j, "pending"))
         self.masks = state["masks"]
         saved_report = state["report"]
         self.report.per_layer, self.report.notes = saved_report["per_layer"], saved_report["notes"]
@@ -336,12 +346,10 @@ def prune(
     """
     config = config or PruneConfig()
     t_prune = time.perf_counter()
-    if store is not None and checkpoint is not None:
-        raise PrunekitError("a run with weights streamed from disk cannot be checkpointed yet; run it without a checkpoint")
     run, state, streams, e2e = _start(model, tokenizer, config, calib_ids, progress, checkpoint, store or InMemoryBlocks(model))
     rc, report = run.rc, state.report
     plan = windows(len(run.blocks), rc.window, rc.stride)
-    if checkpoint is not None and state.restore(checkpoint, run.blocks, run.keep_dense, run.captured, run.device):
+    if checkpoint is not None and state.restore(checkpoint, run.store, run.keep_dense, run.captured, run.device):
         log.info("resuming after window %d of %d", state.window, len(plan))
     desc = f"pruning ({config.sparsity.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
     bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=state.window)
@@ -357,7 +365,7 @@ def prune(
         _verify(run, state, idx)
         if checkpoint is not None:
             next_lo = plan[k + 1][0] if k + 1 < len(plan) else len(run.blocks)
-            state.save(checkpoint, k, run.blocks, idx, next_lo, config.checkpoint_every * 60)
+            state.save(checkpoint, k, run.store, idx, next_lo, config.checkpoint_every * 60)
         bar.update(1)
         if on_window is not None:
             on_window(k)

@@ -333,17 +333,11 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
     stream_dir = streamed_source(cfg.model.model, cfg.model.weights, cfg.model.dtype)
     if stream_dir is not None and not cfg.out:
         raise PrunekitError("a model streamed from disk is written block by block as it is pruned: give --out")
-    if stream_dir is not None and resume:
-        raise PrunekitError(
-            "runs with weights streamed from disk cannot be resumed yet; start it over with --overwrite "
-            "(or with --weights memory when the model fits in RAM)"
-        )
-    rundir = RunDir(cfg.out, cfg.overwrite, resume=resume, resumable=stream_dir is None) if cfg.out else None
+    rundir = RunDir(cfg.out, cfg.overwrite, resume=resume, resumable=True) if cfg.out else None
     checkpoint = None
     try:
         if rundir is not None:
             rundir.write_text("config.yaml", dump_yaml(cfg))
-        if rundir is not None and stream_dir is None:
             checkpoint = Checkpointer(rundir.path("checkpoint"), settings_fingerprint(cfg, mode))
             if resume:
                 _verify_resumable(checkpoint, cfg, mode, device)  # a damaged checkpoint is reported now, not after loading the model
@@ -356,7 +350,8 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
         if stream_dir is not None:  # a skeleton on the meta device; blocks are read when needed
             sm = StreamedModel(stream_dir, _DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)
             model, tokenizer = sm.model, load_tokenizer(stream_dir, cfg.model.trust_remote_code)
-            writer = ShardWriter(rundir.tmp, cfg.model.max_shard_size, in_place=True)
+            # finished blocks go straight to the output shards, which are also the checkpoint of them
+            writer = ShardWriter(rundir.tmp, cfg.model.max_shard_size, in_place=True, resume=resume)
             store = StreamedBlocks(sm, writer)
             log.info("weights are streamed from %s, one window of blocks at a time", stream_dir)
         else:

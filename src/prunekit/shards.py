@@ -626,6 +626,11 @@ class StreamedModel:
 
     # -- saving
 
+    def saved_names_of(self, index: int) -> dict[str, str]:
+        """Block ``index``'s tensors: name in ``block.state_dict()`` -> name in the saved shards."""
+        strip = len(self.block_prefix(index)) + 1
+        return {name[strip:]: saved for name, saved in self._saved.items() if self._in_part(name, index)}
+
     def saved_names(self) -> set[str]:
         """Every tensor name ``save_pretrained`` would write for this model."""
         return set(self._saved.values())
@@ -777,6 +782,26 @@ class ShardWriter:
         self._file.close()
         self._file = None
         shard.closed = True
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Tensors written earlier (committed or not), read back from the shard files (a resumed run
+        replays its streams through blocks that are already in the output)."""
+        if self._file is not None:
+            self._file.flush()
+        where = {name: shard for shard in self._shards for name in shard.entries}
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            shard = where[name]
+            entry = shard.entries[name]
+            start, end = entry["data_offsets"]
+            with open(shard.path, "rb") as f:
+                f.seek(8 + shard.reserve + start)
+                data = bytearray(f.read(end - start))
+            if len(data) != end - start:
+                raise PrunekitError(f"{shard.path} is shorter than written; start the run again without --resume")
+            dtype = _ST_DTYPES[entry["dtype"]]
+            out[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
+        return out
 
     # -- durability and resume
 
