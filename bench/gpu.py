@@ -323,7 +323,10 @@ def run_one(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    sync(device)
+    try:
+        sync(device)
+    except RuntimeError as e:  # a broken CUDA context: record it, keep what the earlier runs wrote
+        out["status"], out["why"] = "failed", f"{out.get('why', '')} (sync: {str(e).splitlines()[0]})"[:500]
     end = time.perf_counter()
     out["wall_s"] = end - t0
     starts = [t0] + marks[:-1]
