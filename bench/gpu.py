@@ -384,7 +384,7 @@ def projection(run: dict[str, Any], shape: Shape, spec: RunSpec, mode: str, rate
     bound, since SparseGPT's solve does not grow with the windows.
     """
     block_s = run.get("steady_block_s")
-    if block_s is None:
+    if block_s is None or (spec.recon != "lr" and "last_unit" not in run):
         return None
     tokens_ratio = PAPER["windows"] * PAPER["seqlen"] / (shape.windows * shape.seqlen)
     out: dict[str, Any] = {
