@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The device benchmark (bench/gpu.py, issue 12) in one call of the `device` tool, sized to fit in
+# 8 minutes of device time with the machine's start-up (about 1-2 minutes).
+#
+# The exact call, from a session whose task is lent a GPU (status: can_start_another true), with
+# the checkout at the commit to measure (HASH: `git rev-parse HEAD` here; .git does not travel):
+#
+#   run(command="PRUNEKIT_COMMIT=HASH bash bench/gpu_device.sh", timeout_s=420)
+#
+# No carry is needed: the model is built with random weights on the machine, nothing is installed.
+# Then copy the result folder back into the repository and commit it with the machine named:
+#
+#   cp -r <files_at>/<machine>-<date> bench/results/gpu/
+#
+# It runs `bench/gpu.py --shape 7b --default-model` with a time budget of GPU_BENCH_BUDGET_S
+# seconds (default 270): configurations that would not fit are skipped and listed in the JSON,
+# results are written after every configuration, and a hard `timeout` ends the run 60 s after
+# the budget. Extra arguments go to gpu.py (e.g. `--configs wanda-brgp-bf16,wanda-brgp-fp32` for a
+# shorter rerun). On the machine it writes $OUT/<machine>-<date>/{gpu.json,gpu.md,gpu.log} and
+# $OUT/nvidia-smi.txt (the tool brings back at most 8 files, 2 folders down).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+BUDGET=${GPU_BENCH_BUDGET_S:-270}
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p "$OUT"
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+LOG=$(mktemp)
+timeout --signal=TERM --kill-after=10 $((BUDGET + 60)) \
+  "$PYTHON" bench/gpu.py --shape 7b --default-model --budget-s "$BUDGET" --out-parent "$OUT" "$@" 2>&1 | tee "$LOG"
+rc=$?
+# the log goes beside the results (gpu.py names the folder after the GPU and the date)
+dir=$(sed -n 's/^\[gpu-bench\] .* | out \(.*\)$/\1/p' "$LOG" | head -1)
+if [ -n "$dir" ] && [ -d "$dir" ]; then cp "$LOG" "$dir/gpu.log"; else cp "$LOG" "$OUT/gpu.log"; fi
+rm -f "$LOG"
+echo "[gpu-device] exit $rc; results under $OUT"
+exit $rc
