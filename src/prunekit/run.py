@@ -137,6 +137,8 @@ def matmul_gflops(device: torch.device, size: int = 1024, seconds: float = 1.0, 
     b = torch.randn(size, size, device=device)
     with precision.use(mode), precision.forward(device):
         a @ b
+        if device.type == "cuda":  # the warm-up must be done before the clock starts
+            torch.cuda.synchronize(device)
         n = 0
         t = time.perf_counter()
         while time.perf_counter() - t < seconds:
