@@ -25,12 +25,12 @@ def _cfg(recon: str, method: str, **recon_extra) -> PruneConfig:
     return cfg
 
 
-def _streamed(src, out, cfg):
+def _streamed(src, out, cfg, lr_dir=None):
     sm = StreamedModel(src, attn_implementation="eager")
-    writer = ShardWriter(out, max_shard_size="20KB")
-    _, report = prunekit.prune(sm.model, None, cfg, calib_ids=CALIB, progress=False, store=StreamedBlocks(sm, writer))
+    store = StreamedBlocks(sm, ShardWriter(out, max_shard_size="20KB"), lr_dir=lr_dir)
+    _, report = prunekit.prune(sm.model, None, cfg, calib_ids=CALIB, progress=False, store=store)
     sm.model.config.use_cache = True
-    writer.finish(config=sm.model.config, copy_from=src, expected=sm.saved_names())
+    store.writer.finish(config=sm.model.config, copy_from=src, expected=sm.saved_names())
     assert sm.resident_bytes() == 0  # every part was released
     return report
 
@@ -45,7 +45,7 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path, family, recon, method):
     model.save_pretrained(src, max_shard_size="20KB")  # several shards
     cfg = _cfg(recon, method)
     _, ref_report = prunekit.prune(model, None, cfg, calib_ids=CALIB, progress=False)
-    report = _streamed(src, tmp_path / "out", cfg)
+    report = _streamed(src, tmp_path / "out", cfg, lr_dir=tmp_path / "lr")
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ref, got = model.state_dict(), out.state_dict()
     assert ref.keys() == got.keys()
@@ -56,10 +56,42 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path, family, recon, method):
     with torch.no_grad():
         ids = random_ids(2, 16, seed=9)
         assert torch.equal(model(ids).logits, out(ids).logits)
-    if recon != "lr":
+    if recon != "lr":  # the end-to-end check walks what was written, block by block: the same figures
         assert report.guard.windows == ref_report.guard.windows
-        assert report.guard.end_to_end["compared"] is False  # needs the whole model: said, not skipped silently
-        assert any("streamed" in n for n in report.notes)
+        got, ref = report.guard.end_to_end, ref_report.guard.end_to_end
+        assert got["compared"] and got["reverted"] == ref["reverted"] and got["worse"] == ref["worse"]
+        for key in ("reconstructed", "masks_only"):
+            assert got[key]["kl"] == pytest.approx(ref[key]["kl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("lr_dir", [True, False])
+def test_streamed_guard_reverts_the_whole_run_like_the_in_memory_one(tmp_path, monkeypatch, lr_dir):
+    """A forced end-to-end revert writes the masks-only weights to the output; without a place for
+    them the check is not made and the report says so."""
+    import prunekit.pipeline as pipeline
+
+    def forced(model, blocks, lr_states, e2e, g, mode):
+        for j, state in lr_states.items():
+            pipeline.restore(blocks[j], state)
+        g.conclude(None, None, True, "forced by the test")
+
+    def forced_streamed(store, e2e, g, mode, device):
+        store.revert = True
+        g.conclude(None, None, True, "forced by the test")
+
+    monkeypatch.setattr(pipeline, "_end_to_end", forced)
+    monkeypatch.setattr(pipeline, "_end_to_end_streamed", forced_streamed)
+    model = make_tiny_model("llama", layers=3)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="20KB")
+    cfg = _cfg("br-gp", "wanda", lr=1e-3)  # every block improves: the revert changes the model
+    prunekit.prune(model, None, cfg, calib_ids=CALIB, progress=False)
+    report = _streamed(src, tmp_path / "out", cfg, lr_dir=tmp_path / "lr" if lr_dir else None)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    same = all(torch.equal(v, got[k]) for k, v in model.state_dict().items())
+    assert same == lr_dir
+    if not lr_dir:
+        assert report.guard.end_to_end["compared"] is False and any("streamed" in n for n in report.notes)
 
 
 class Killed(Exception):
@@ -154,7 +186,7 @@ def test_cli_streamed_run_saves_and_evaluates_as_the_in_memory_run(model_dir, wo
     m_str = json.loads((tmp_path / "stream" / "metrics.json").read_text())
     (name,) = m_mem["perplexity"]
     assert m_str["perplexity"][name] == pytest.approx(m_mem["perplexity"][name], rel=1e-5)
-    assert any("streamed" in n for n in m_str["notes"])
+    assert m_str["reconstruction"]["guard"]["end_to_end"]["compared"]
     assert not (tmp_path / "stream" / "checkpoint").exists()
     assert m_str["checkpoint_bytes"] < m_mem["checkpoint_bytes"]  # finished blocks are checkpointed by the output itself
     assert (tmp_path / "stream" / "tokenizer.json").is_file()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -66,6 +67,10 @@ class InMemoryBlocks:
     def resumed(self, written: list[int]) -> None:
         """On resume: the blocks that :meth:`persist` made durable before the interruption."""
 
+    def keep_lr(self, j: int, state: dict[str, torch.Tensor]) -> bool:
+        """Block ``j``'s masks-only weights for the guard's end-to-end check; False: the caller keeps them."""
+        return False
+
     @contextmanager
     def stems(self) -> Iterator[None]:
         """The modules before the blocks, for capturing block 0's inputs (here they are always loaded)."""
@@ -83,10 +88,16 @@ class StreamedBlocks:
 
     streamed = True
 
-    def __init__(self, model: StreamedModel, writer: ShardWriter) -> None:
+    def __init__(self, model: StreamedModel, writer: ShardWriter, lr_dir: str | Path | None = None,
+                 resume: bool = False) -> None:
+        """``lr_dir``: where the masks-only weights of finished blocks go (shards), for the guard's
+        end-to-end check; without it the check is not made."""
         self.sm = model
         self.writer = writer
         self.blocks = model.layout.blocks
+        self.lr_writer = ShardWriter(lr_dir, writer.max_shard_size, in_place=True, resume=resume) if lr_dir else None
+        self._lr: dict[int, dict[str, torch.Tensor]] = {}  # masks-only weights of live blocks
+        self.revert = False  # set by the guard: the output gets the masks-only weights
         self._live: set[int] = set()  # materialised blocks
         self.written: set[int] = set()  # blocks in the output shards
         self._head = False
@@ -122,13 +133,25 @@ class StreamedBlocks:
         state = self.sm.save_state(j)
         if not set(state) <= self.writer.names:  # else a rerun window made it again, bit for bit: written already
             self.writer.add(state)
+        lr = self._lr.pop(j, None)
+        if self.lr_writer is not None and lr is not None:
+            saved = {name: lr[local] for local, name in self.sm.saved_names_of(j).items()}
+            if not set(saved) <= self.lr_writer.names:
+                self.lr_writer.add(saved)
         self.written.add(j)
+
+    def keep_lr(self, j: int, state: dict[str, torch.Tensor]) -> bool:
+        if self.lr_writer is not None:  # written beside the block when it is final; else not kept (no check)
+            self._lr[j] = state
+        return True
 
     def persist(self, j: int) -> bool:
         """Final block ``j`` goes to the output shards now (the output is the checkpoint of finished
         blocks), and stays in memory until the streams have passed it."""
         self._write(j)
         self.writer.commit()
+        if self.lr_writer is not None:
+            self.lr_writer.commit()
         return True
 
     def final_state(self, j: int, checkpoint: Checkpointer) -> dict[str, torch.Tensor]:
@@ -157,10 +180,32 @@ class StreamedBlocks:
             self.sm.materialize("head")
             self._head = True
 
+    def written_source(self, device: torch.device, lr: bool = False) -> "ShardWeights":
+        """The blocks as written (``lr``: their masks-only weights) as a source for a block-by-block walk."""
+        return ShardWeights(self._skeleton(), device, self.lr_writer if lr else self.writer)
+
+    def dense_source(self, device: torch.device) -> "ShardWeights":
+        """The original model, read from the input shards, as a source for a block-by-block walk."""
+        return ShardWeights(self._skeleton(), device)
+
+    def _skeleton(self) -> StreamedModel:
+        """Another skeleton of the same model (its parts are materialised independently of the run's)."""
+        return StreamedModel(self.sm.checkpoint, self.sm.dtype, self.sm.model.config._attn_implementation)
+
     def close(self) -> None:
-        """Write the blocks still held, then the parts the run never changes (embeddings, norm, head)."""
+        """Write the blocks still held, then the parts the run never changes (embeddings, norm, head).
+
+        When the guard reverted the run, the output is written again from the masks-only weights.
+        """
         for j in sorted(self._live):
             self.finish(j)
+        if self.revert and self.lr_writer is not None:
+            self.writer.abort()
+            self.writer = ShardWriter(self.writer.final, self.writer.max_shard_size, in_place=True)
+            for j in range(self.sm.num_blocks):
+                self.writer.add(self.lr_writer.read(self.sm.saved_names_of(j).values()))
+        if self.lr_writer is not None:
+            self.lr_writer.abort()
         for part in ("input", "head"):
             if part == "head" and self._head:
                 self.writer.add(self.sm.save_state(part))
@@ -174,11 +219,16 @@ class StreamedBlocks:
 
 
 class ShardWeights:
-    """A :class:`prunekit.blockwalk.WeightSource` over a streamed skeleton: parts read onto the device when used."""
+    """A :class:`prunekit.blockwalk.WeightSource` over a streamed skeleton: parts read onto the device when used.
 
-    def __init__(self, model: StreamedModel, device: torch.device | str) -> None:
+    With ``blocks_from`` (a :class:`ShardWriter`), blocks take the weights written there instead of
+    the skeleton's own shards (a run's output before it is finished).
+    """
+
+    def __init__(self, model: StreamedModel, device: torch.device | str, blocks_from: ShardWriter | None = None) -> None:
         self.sm = model
         self.device = torch.device(device)
+        self.blocks_from = blocks_from
 
     def load_stem(self) -> None:
         self.sm.materialize("input", self.device)
@@ -187,7 +237,12 @@ class ShardWeights:
         self.sm.release("input")
 
     def load(self, index: int) -> nn.Module:
-        return self.sm.materialize(index, self.device)
+        block = self.sm.materialize(index, self.device)
+        if self.blocks_from is not None:
+            names = self.sm.saved_names_of(index)
+            saved = self.blocks_from.read(names.values())
+            block.load_state_dict({local: saved[name] for local, name in names.items()}, strict=False)
+        return block
 
     def release(self, index: int) -> None:
         self.sm.release(index)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blockwalk import Batch, WeightSource, walk
 from .families import Readout
 from .losses import ErrorSums, kl_divergence
 
@@ -75,32 +76,42 @@ class EndToEndResult:
 
 
 class EndToEnd:
-    """The dense model's final hidden states on held-out windows, and a model's distance from them."""
+    """The dense model's final hidden states on held-out windows, and a model's distance from them.
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    With a ``source`` (:mod:`prunekit.blockwalk`: weights read from shards into a skeleton) the
+    model is walked block by block instead of run whole, for models that are not in memory.
+    """
+
+    def __init__(
+        self, model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device, source: WeightSource | None = None,
+    ) -> None:
         self.ids = ids
         self.batch_size = batch_size
         self.device = device
-        self.dense_hidden = self._hidden(model).to(torch.float32)
-        self.dense_nll = self._score(model, self.dense_hidden)[1]
+        self.dense_hidden = self._hidden(model, source).to(torch.float32)
+        self.dense_nll = self._score(model, self.dense_hidden, source)[1]
 
     @torch.no_grad()
-    def _hidden(self, model: nn.Module) -> torch.Tensor:
+    def _hidden(self, model: nn.Module, source: WeightSource | None) -> torch.Tensor:
+        batches = [self.ids[b : b + self.batch_size] for b in range(0, self.ids.shape[0], self.batch_size)]
+        if source is not None:
+            out: list[torch.Tensor] = []
+            walk(model, [Batch(ids) for ids in batches], self.device,
+                 lambda _i, h, _r: out.append(h.to("cpu", torch.float32)), source=source, desc="guard")
+            return torch.cat(out)
         model.to(self.device)
         try:
-            out = [
-                model.base_model(input_ids=self.ids[b : b + self.batch_size].to(self.device), use_cache=False)
-                .last_hidden_state.to("cpu", torch.float32)
-                for b in range(0, self.ids.shape[0], self.batch_size)
-            ]
+            return torch.cat([
+                model.base_model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state.to("cpu", torch.float32)
+                for ids in batches
+            ])
         finally:
             model.to("cpu")
-        return torch.cat(out)
 
     @torch.no_grad()
-    def _score(self, model: nn.Module, hidden: torch.Tensor) -> tuple[float, float]:
+    def _score(self, model: nn.Module, hidden: torch.Tensor, source: WeightSource | None) -> tuple[float, float]:
         """(mean KL to the dense distribution, mean next-token loss) of final hidden states ``hidden``."""
-        readout = Readout(model, with_norm=False).to(self.device)
+        readout = source.load_head() if source is not None else Readout(model, with_norm=False).to(self.device)
         logits = lambda h: readout.logits(h.to(self.device))  # noqa: E731
 
         kl = nll = 0.0
@@ -115,11 +126,14 @@ class EndToEnd:
                     nll += float(F.cross_entropy(z, ids[sl.start + 1 : sl.stop + 1], reduction="sum"))
                     count += sl.stop - sl.start
         finally:
-            readout.to("cpu")
+            if source is not None:
+                source.release_head()
+            else:
+                readout.to("cpu")
         return kl / max(count, 1), nll / max(count, 1)
 
-    def measure(self, model: nn.Module) -> EndToEndResult:
-        kl, nll = self._score(model, self._hidden(model))
+    def measure(self, model: nn.Module, source: WeightSource | None = None) -> EndToEndResult:
+        kl, nll = self._score(model, self._hidden(model, source), source)
         return EndToEndResult(kl, nll, self.dense_nll)
 
 

@@ -372,18 +372,20 @@ def prune(
     bar.close()
     for j in range(state.pos, len(run.blocks)):
         run.store.finish(j)
-    run.store.close()
     streams.close()
     if state.guard is not None:
         t = time.perf_counter()
-        if e2e is not None:
-            _end_to_end(model, run.blocks, state.lr_states, e2e, state.guard, rc.guard)
+        if e2e is None:
+            state.guard.conclude(None, None, False, "the masks-only weights of the streamed blocks were not kept")
+        elif run.store.streamed:
+            _end_to_end_streamed(run.store, e2e, state.guard, rc.guard, run.device)
         else:
-            state.guard.conclude(None, None, False, "weights were streamed from disk (the check needs the whole model)")
+            _end_to_end(model, run.blocks, state.lr_states, e2e, state.guard, rc.guard)
         state.guard.seconds += time.perf_counter() - t
         report.guard = state.guard
         report.timing["guard_s"] = state.guard.seconds
         (log.info if not state.guard.end_to_end.get("worse") else log.warning)("%s", state.guard.summary)
+    run.store.close()  # streaming: the embeddings and head to the output (and, reverted, the masks-only blocks)
     report.timing["prune_s"] = time.perf_counter() - t_prune - report.timing.get("calib_s", 0.0)
     if checkpoint is not None:
         report.checkpoint_bytes = checkpoint.bytes_written
@@ -448,7 +450,7 @@ def _start(
     guarded = rc.trains and rc.guard != "off" and n_held > 0
     if rc.trains and rc.guard != "off" and n_held == 0:
         report.notes.append("the reconstruction guard is off: it needs held-out calibration windows (--holdout > 0)")
-    if guarded and store.streamed:
+    if guarded and store.streamed and getattr(store, "lr_writer", None) is None:
         report.notes.append(
             "weights streamed from disk: the guard judged each window on held-out windows; its end-to-end check "
             "(which needs the whole model's masks-only weights) did not run"
@@ -487,9 +489,14 @@ def _start(
         report.owl = OwlResult(settings.owl_m, settings.owl_lambda, ratios, fractions)
         report.timing["owl_s"] = time.perf_counter() - t
     e2e = None
-    if guarded and not store.streamed:  # the dense reference, before any block changes (on resume, model is still the original)
+    if guarded and (not store.streamed or store.lr_writer is not None):
+        # the dense reference, before any block changes (on resume, the model is still the original)
         t = time.perf_counter()
-        e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device)
+        if store.streamed:  # read block by block from the input shards
+            source = store.dense_source(device)
+            e2e = EndToEnd(source.sm.model, calib_ids[run.held_rows], bs, device, source)
+        else:
+            e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device)
         state.guard.seconds += time.perf_counter() - t
     return run, state, streams, e2e
 
@@ -597,8 +604,9 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
             )
         guard.windows.append({"window": k, "blocks": idx, "lr": err_lr, "recon": err_rec, "worse": worse,
                               "reverted": worse and rc.guard == "revert"})
-        if not run.store.streamed:  # masks-only weights of the whole model, for the end-to-end check
-            state.lr_states.update(snap)
+        for j in idx:  # masks-only weights for the end-to-end check (streaming: on disk beside the output)
+            if not run.store.keep_lr(j, snap[j]):
+                state.lr_states[j] = snap[j]
         del reference, snap
         guard.seconds += time.perf_counter() - tg
     state.recon_s += time.perf_counter() - t
@@ -673,6 +681,17 @@ def _end_to_end(
         for j, state in kept.items():
             restore(blocks[j], state)
     guard.conclude(final, lr, worse and mode == "revert", None)
+
+
+def _end_to_end_streamed(store: StreamedBlocks, e2e: EndToEnd, guard: GuardReport, mode: str, device: torch.device) -> None:
+    """:func:`_end_to_end` for a streamed run: both models walked block by block from what was written."""
+    final_src = store.written_source(device)
+    final = e2e.measure(final_src.sm.model, final_src)
+    lr_src = store.written_source(device, lr=True)
+    lr = e2e.measure(lr_src.sm.model, lr_src)
+    worse = not final.kl <= lr.kl
+    store.revert = worse and mode == "revert"
+    guard.conclude(final, lr, store.revert, None)
 
 
 def _numel(model: nn.Module, name: str) -> int:

@@ -354,7 +354,8 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
             model, tokenizer = sm.model, load_tokenizer(stream_dir, cfg.model.trust_remote_code)
             # finished blocks go straight to the output shards, which are also the checkpoint of them
             writer = ShardWriter(rundir.tmp, cfg.model.max_shard_size, in_place=True, resume=resume)
-            store = StreamedBlocks(sm, writer)
+            # masks-only weights of finished blocks for the guard's end-to-end check, beside the checkpoint
+            store = StreamedBlocks(sm, writer, lr_dir=rundir.path("checkpoint") / "lr", resume=resume)
             log.info("weights are streamed from %s, one window of blocks at a time", stream_dir)
         else:
             model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
