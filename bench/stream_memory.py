@@ -16,7 +16,7 @@ streams at most 25% of the model's size, and a result that plain transformers re
 3. The streamed output is reloaded with plain ``AutoModelForCausalLM.from_pretrained`` and its
    weights compared with the in-memory run's output (they must be identical).
 
-    python bench/stream_memory.py            # writes bench/results/stream-memory/stream-memory-v1.json and .md
+    python bench/stream_memory.py [RECON ...]   # writes bench/results/stream-memory/stream-memory-v1.json and .md
 """
 
 from __future__ import annotations
@@ -126,9 +126,13 @@ def main() -> None:
         models[name] = WORK / name
     baseline = child("baseline")["rss"]
     streams = 4 * NSAMPLES * SEQLEN * SHAPE["hidden_size"] * 4
-    rows = []
+    only = sys.argv[1:]  # e.g. `br-gp`: rerun only these; the other rows stay as last written
+    old = OUT / f"{PROTOCOL}.json"
+    rows = [r for r in json.loads(old.read_text())["rows"] if only and r["recon"] not in only] if old.is_file() else []
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         for model, recon in (("llama-1b", "lr"), ("llama-1b-2blocks", "br-gp")):
+            if only and recon not in only:
+                continue
             outs = {}
             for weights in ("stream", "memory"):
                 out = Path(tmp) / f"{model}-{recon}-{weights}"

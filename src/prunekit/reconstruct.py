@@ -487,7 +487,8 @@ def _adam(
                 record.flops += _unit_flops(unit, len(heldout_rows) * tokens) / 3  # forward only
                 record.heldout_curve.append(h)  # type: ignore[arg-type]
                 if best[0] is None or h < best[0]:  # type: ignore[operator]
-                    best = (h, epoch, {id(p): p.detach().clone() for p in params})
+                    # a copy of the weights only where early stopping may go back to them (host memory)
+                    best = (h, epoch, {id(p): p.detach().clone() for p in params} if cfg.early_stop else None)
                     stale = 0
                 else:
                     stale += 1
