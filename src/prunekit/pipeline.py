@@ -1,23 +1,30 @@
 """The one driver loop: calibrate, then walk windows of blocks in order, pruning and reconstructing.
 
-The model stays on CPU. Block 0's inputs are captured once (:mod:`prunekit.capture`). Windows of
-``window`` blocks advance by ``stride`` (block-wise: 1/1; cross-block: 2/1, giving windows [0],
-[0,1], [1,2], ..., [L-1] as in the Rethinking paper). For each window, on the device:
+Block 0's inputs are captured once (:mod:`prunekit.capture`). Windows of ``window`` blocks advance
+by ``stride`` (block-wise: 1/1; cross-block: 2/1, giving windows [0], [0,1], [1,2], ..., [L-1] as in
+the Rethinking paper). :func:`prune` is a short loop whose body reads as phases over one
+:class:`RunState` (what changes as windows finish, and saves and restores itself for resume):
 
-1. advance the activation streams to the window's first block: the *sparse* stream through the
-   pruned (and reconstructed) blocks, the *dense* stream through dense copies of the original blocks
-   (dense copies exist only for blocks of the current window);
-2. for each block of the window not yet pruned (or every block, when masks are recomputed): run the
-   sparse stream up to it with hooks that accumulate its linears' input statistics (one accumulator
-   per group of linears sharing an input), let the criterion choose masks (and, for SparseGPT, new
-   kept weights), check every linear's sparsity;
-3. reconstruct the window's units (a linear, the attention and MLP parts, the block or the window)
-   by gradient descent with masks fixed, reading inputs from the sparse or dense stream and targets
-   from the dense unit (local) or the dense model's activations (global), and record the normalised
-   error on calibration and held-out windows.
+1. ``_advance``: push the activation streams to the window's first block: the *sparse* stream
+   through the pruned (and reconstructed) blocks, the *dense* stream through dense copies of the
+   original blocks (dense copies exist only for blocks of the current window); blocks the streams
+   have passed are final;
+2. ``_choose_masks``: for each block of the window not yet pruned (or every block, when masks are
+   recomputed), run the sparse stream up to it with hooks that accumulate its linears' input
+   statistics (one accumulator per group of linears sharing an input), let the criterion choose
+   masks (and, for SparseGPT, new kept weights);
+3. ``_reconstruct``: fit the window's units (a linear, the attention and MLP parts, the block or the
+   window) by gradient descent with masks fixed, reading inputs from the sparse or dense stream and
+   targets from the dense unit (local) or the dense model's activations (global); record the
+   normalised errors; the guard's per-window verdict;
+4. ``_verify``: check every linear against its mask and sparsity;
+5. ``RunState.save``: the lean checkpoint (:mod:`prunekit.checkpoint`).
 
-Granularity only changes what a unit is, never the loop. With no reconstruction (the papers' "LR"
-baseline) step 3 is skipped and no dense copy is made; magnitude needs no calibration pass at all.
+Where blocks live is the store's business (:mod:`prunekit.blockstore`): in the model in RAM, or
+read from safetensors shards when first needed and written to the output when final. Granularity
+only changes what a unit is, never the loop. With no reconstruction (the papers' "LR" baseline)
+step 3 is skipped and no dense copy is made; magnitude needs no calibration pass at all. A
+distributed mode would plug in at these phases (windows or batches split across ranks).
 """
 
 from __future__ import annotations
