@@ -5,7 +5,8 @@ not a multiple of it growing with every block (a 7B model's two activation strea
 tokens are 8.6 GB, and writing them after each of 32 blocks was most of a run's I/O):
 
 - a block's weights once, when it is *final* (no later window changes it): ``blocks/J.safetensors``,
-  and, with the reconstruction guard, its masks-only weights ``blocks/J.lr.safetensors``;
+  and, with the reconstruction guard, its masks-only weights ``blocks/J.lr.safetensors``; with
+  end-to-end retraining (which needs every block's masks at the end), its masks ``blocks/J.masks.safetensors``;
 - after every window, the blocks that later windows still change (the overlap of cross-block
   windows) and their masks, ``blocks/J.wK.safetensors`` and ``tensors.wK.safetensors`` (small);
 - the activation streams at most every ``checkpoint_every`` minutes (``streams.wK.safetensors``).
@@ -112,6 +113,7 @@ class Checkpointer:
         (self.dir / "blocks").mkdir(parents=True, exist_ok=True)
         self._final: dict[int, str] = {}  # block -> file of its final weights
         self._final_lr: dict[int, str] = {}  # block -> its masks-only weights (reconstruction guard)
+        self._final_masks: dict[int, dict[str, Any]] = {}  # block -> {"file", "names"}: masks kept for retraining
         self._streams: dict[str, Any] | None = None  # {"file", "pos", "names"} of the last saved streams
         self._pending: dict[int, str] = {}  # blocks later windows still change (as loaded)
         self.bytes_written = 0
@@ -137,6 +139,7 @@ class Checkpointer:
         lr_states: dict[int, dict[str, torch.Tensor]] | None = None,
         streams: dict[str, torch.Tensor | None] | None = None,
         final_elsewhere: list[int] | None = None,
+        final_masks: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         """Record that windows up to ``window`` are done, the streams being at the input of block ``pos``.
 
@@ -144,7 +147,8 @@ class Checkpointer:
         weights ``lr_states`` for the guard); ``pending`` are blocks later windows still change,
         with ``masks`` (the masks of pending blocks). ``streams`` (sparse and dense, at ``pos``)
         are written when given; otherwise the state keeps the last saved ones. ``final_elsewhere``
-        are final blocks made durable elsewhere (the output shards of a streamed run).
+        are final blocks made durable elsewhere (the output shards of a streamed run). ``final_masks``
+        are the masks of final blocks that the run still needs (end-to-end retraining), written once each.
         """
         for j, block in final.items():
             if j not in self._final:
@@ -152,6 +156,10 @@ class Checkpointer:
         for j, lr_state in (lr_states or {}).items():
             if j not in self._final_lr:
                 self._final_lr[j] = self._write(lr_state, f"blocks/{j}.lr.safetensors")
+        for j, ms in (final_masks or {}).items():
+            if j not in self._final_masks:
+                name = self._write({f"mask/{i}": m for i, m in enumerate(ms.values())}, f"blocks/{j}.masks.safetensors")
+                self._final_masks[j] = {"file": name, "names": list(ms)}
         pending_files = {j: self._write(dict(b.state_dict()), f"blocks/{j}.w{window}.safetensors") for j, b in pending.items()}
         tensors: dict[str, torch.Tensor] = {}
         mask_names: dict[str, list[str]] = {}
@@ -171,6 +179,7 @@ class Checkpointer:
             "pos": pos,
             "final": {str(j): f for j, f in self._final.items()},
             "final_lr": {str(j): f for j, f in self._final_lr.items()},
+            "final_masks": {str(j): m for j, m in self._final_masks.items()},
             "final_elsewhere": sorted(final_elsewhere or []),
             "pending": {str(j): f for j, f in pending_files.items()},
             "tensor_file": tensor_file,
@@ -180,7 +189,8 @@ class Checkpointer:
         }
         self._write_json(state, self.dir / STATE)
         self.bytes_written += (self.dir / STATE).stat().st_size
-        keep = {*self._final.values(), *self._final_lr.values(), *pending_files.values()}
+        keep = {*self._final.values(), *self._final_lr.values(), *pending_files.values(),
+                *(m["file"] for m in self._final_masks.values())}
         for f in (self.dir / "blocks").glob("*.safetensors"):
             if f"blocks/{f.name}" not in keep:
                 f.unlink(missing_ok=True)
@@ -251,7 +261,10 @@ class Checkpointer:
             pending = {int(j): str(f) for j, f in state["pending"].items()}
             elsewhere = [int(j) for j in state["final_elsewhere"]]
             saved_streams = state["streams"]
-            files = [state["tensor_file"], *final.values(), *final_lr.values(), *pending.values()]
+            final_masks = {int(j): {"file": str(m["file"]), "names": list(m["names"])}
+                           for j, m in state.get("final_masks", {}).items()}
+            files = [state["tensor_file"], *final.values(), *final_lr.values(), *pending.values(),
+                     *(m["file"] for m in final_masks.values())]
             if saved_streams is not None:
                 files.append(saved_streams["file"])
             for f in files:
@@ -262,6 +275,9 @@ class Checkpointer:
                 int(j): {name: tensors[f"mask/{j}/{i}"] for i, name in enumerate(names)}
                 for j, names in state["masks"].items()
             }
+            for j, m in final_masks.items():
+                saved, _ = _load_tensors(self.dir / m["file"])
+                masks[j] = {name: saved[f"mask/{i}"] for i, name in enumerate(m["names"])}
             streams = None
             if saved_streams is not None:
                 st, _ = _load_tensors(self.dir / saved_streams["file"])
@@ -274,6 +290,7 @@ class Checkpointer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointDamaged(_damaged(path, e)) from None
         self._final, self._final_lr, self._streams = final, final_lr, saved_streams
+        self._final_masks = final_masks
         self._pending = pending
         return {
             "fingerprint": fingerprint, "window": window, "pos": pos, "final": dict(final), "final_lr": dict(final_lr),

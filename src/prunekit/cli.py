@@ -59,6 +59,8 @@ _HELP = {
     "precision": "auto | fp32 | tf32 | bf16: forward/backward passes of reconstruction and of the streams "
     "(bf16 = autocast with float32 weights, loss and optimizer state; tf32 only on CUDA); auto = bf16 on a CUDA GPU, else fp32",
     "stream_dtype": "float32 | bfloat16: how activation streams are stored (bfloat16 halves their memory and I/O)",
+    "retrain_loss": "--recon retrain: lm (next-token loss on the calibration windows) | kd (KL to the dense model through the LM head)",
+    "gradient_checkpointing": "--recon retrain: recompute block activations (and LM-head chunks) in the backward pass to save memory",
     "guard": "revert | warn | off: compare reconstruction with the masks-only weights on held-out windows "
     "(per window, and end to end by KL through the LM head); revert windows, or the whole run, that end worse",
 }

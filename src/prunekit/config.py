@@ -205,7 +205,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "granularity": "block", "inputs": "sparse", "targets": "global", "window": 2, "stride": 1, "epochs": 1,
         "lr": 1e-3, "recon_batch_size": 1,
     },
+    # full retraining baseline (Free Lunch paper): masks chosen layer-wise exactly as "lr" does,
+    # then the whole pruned model trained end to end on the calibration windows, masks fixed
+    # (prunekit.retrain); --retrain-loss lm | kd, --lora-rank for the masked-LoRA (PEFT) setting
+    "retrain": {"granularity": "block", "inputs": "sparse", "targets": "local", "window": 1, "stride": 1, "epochs": 1},
 }
+RETRAIN_LOSSES = ("lm", "kd")
 DEFAULT_LR = 2e-4  # Rethinking paper, Appendix A
 
 
@@ -244,6 +249,8 @@ class ReconConfig:
     loss: str = "token-mse"  # mse | token-mse | cosine | kd (see prunekit.losses; issue 10)
     loss_skip: int = 0  # leave the first k positions of every window (attention sinks) out of the loss
     guard: str = "revert"  # revert | warn | off: end-to-end check against the masks-only (LR) weights
+    retrain_loss: str = "lm"  # --recon retrain: lm (next-token loss) | kd (KL to the dense model through the LM head)
+    gradient_checkpointing: bool = False  # --recon retrain: recompute each block's activations in the backward pass
 
     def resolved(self) -> "ReconConfig":
         """A copy with the preset's values filled in where no flag set them."""
@@ -279,6 +286,12 @@ class ReconConfig:
             (r.loss != "kd" or r.granularity != "matrix", "--loss kd reads hidden states through the LM head; use it with --granularity block or attn-mlp"),
             (r.loss_skip >= 0, "loss-skip must be 0 or more positions"),
             (r.guard in GUARDS, f"unknown guard {r.guard!r}; choose one of {', '.join(GUARDS)}"),
+            (r.retrain_loss in RETRAIN_LOSSES, f"unknown retrain-loss {r.retrain_loss!r}; choose lm or kd"),
+            (not r.retrains or (r.epochs or 0) >= 1, "--recon retrain needs --epochs 1 or more (0 would be --recon lr)"),
+            (not r.retrains or r.solver == "adam", "--solver lstsq reconstructs single linears; --recon retrain trains with AdamW"),
+            (not r.retrains or r.loss == "token-mse",
+             f"--loss {r.loss} is the local reconstruction objective; with --recon retrain use --retrain-loss lm or kd"),
+            (r.retrains or not r.gradient_checkpointing, "--gradient-checkpointing applies to --recon retrain only"),
         ]
         for ok, message in checks:
             if not ok:
@@ -286,8 +299,14 @@ class ReconConfig:
         return r
 
     @property
+    def retrains(self) -> bool:
+        """The whole model is trained end to end after the layer-wise pass (prunekit.retrain)."""
+        return self.recon == "retrain"
+
+    @property
     def trains(self) -> bool:
-        return bool(self.epochs) or self.solver == "lstsq"
+        """Units are trained locally, window by window (with ``retrain``, ``epochs`` is the end-to-end training's)."""
+        return (bool(self.epochs) and not self.retrains) or self.solver == "lstsq"
 
     @property
     def measures(self) -> bool:
@@ -388,6 +407,8 @@ class RunConfig:
         self.model.validate()
         self.eval.validate()
         check_eval_names(self.eval.datasets())
+        if self.prune.recon.recon == "retrain" and self.model.weights == "stream":
+            raise PrunekitError("--recon retrain trains the whole model at once and needs it in memory; use --weights memory (or auto)")
         recon = self.prune.recon.resolved() if self.prune.recon.recon in PRESETS else None
         if recon is not None and self.prune.recon.recon == "lr" and recon.trains:
             what = f"--epochs {recon.epochs}" if recon.epochs else "--solver lstsq"
@@ -426,6 +447,8 @@ def recon_label(settings: dict[str, Any]) -> str:
         changed.append(f"lr {settings['lr']}")
     if settings.get("solver", "adam") != "adam":
         changed.append(f"solver {settings['solver']}")
+    if name == "retrain":  # what the end-to-end training optimised, and which parameters
+        changed += [f"{settings.get('retrain_loss', 'lm')}"] + ([f"lora-rank {settings['lora_rank']}"] if settings.get("lora_rank") else [])
     return f"{name} ({', '.join(changed)})" if changed else str(name)
 
 

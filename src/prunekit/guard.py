@@ -161,7 +161,7 @@ class GuardReport:
         win = (
             f"{len(worse_windows)} of {len(self.windows)} windows were worse than masks-only on held-out "
             f"per-token error and were {acted}" if worse_windows else f"all {len(self.windows)} windows improved on masks-only"
-        )
+        ) if self.windows else "no per-window checks (end-to-end retraining)"
         if final is None or lr is None:
             self.end_to_end = {"compared": False, "why": why_not}
             if final is not None:

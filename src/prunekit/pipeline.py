@@ -54,6 +54,7 @@ from .models import context_length
 from .owl import OwlResult, block_outlier_ratio, owl_sparsities
 from .probe import StopAt
 from .reconstruct import FitData, Point, UnitRecord, Window, build_units, collect, fit
+from .retrain import Retrain, RetrainRecord
 from .selfgen import self_calibration
 from .streams import StreamAllocator
 
@@ -113,6 +114,7 @@ class PruneReport:
     guard: GuardReport | None = None  # the reconstruction guard's measurements and verdict
     owl: OwlResult | None = None  # OWL's outlier ratios and block sparsities
     checkpoint_bytes: int = 0  # bytes the run's checkpoint wrote (across resumes)
+    retrain: RetrainRecord | None = None  # end-to-end retraining after the layer-wise pass (--recon retrain)
 
     def error_summary(self) -> dict[str, float | None]:
         """Mean normalised error over units, before and after reconstruction, calibration and held-out."""
@@ -199,6 +201,7 @@ class _Run:
     allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
     seed: int
     store: InMemoryBlocks | StreamedBlocks  # where blocks live (RAM, or streamed from and to shards)
+    retrain: Retrain | None = None  # --recon retrain: prepared on the dense model, run after the last window
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -241,6 +244,7 @@ class RunState:
     masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     lr_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     recon_s: float = 0.0
+    keep_masks: bool = False  # keep every block's masks to the end (end-to-end retraining needs them)
     streams_saved_at: float = field(default_factory=time.perf_counter)  # when streams were last checkpointed
 
     def save(self, checkpoint: Checkpointer, k: int, store: InMemoryBlocks | StreamedBlocks, idx: list[int],
@@ -269,6 +273,7 @@ class RunState:
             lr_states={j: self.lr_states[j] for j in final if j in self.lr_states},
             streams={"sparse": self.sparse, "dense": self.dense_stream} if with_streams else None,
             final_elsewhere=sorted(getattr(store, "written", ())),
+            final_masks={j: self.masks[j] for j in final if j in self.masks} if self.keep_masks else None,
         )
         if with_streams:
             self.streams_saved_at = time.perf_counter()
@@ -380,6 +385,14 @@ def prune(
     for j in range(state.pos, len(run.blocks)):
         run.store.finish(j)
     streams.close()
+    if run.retrain is not None:  # the whole pruned model trained end to end, masks fixed (prunekit.retrain)
+        t = time.perf_counter()
+        masks = {name: m for j in sorted(state.masks) for name, m in state.masks[j].items()}
+        report.retrain = run.retrain.run(model, run.layout, masks, run.seed)
+        if report.retrain.note:
+            report.notes.append(report.retrain.note)
+        _verify(run, state, list(range(len(run.blocks))))  # every linear against its mask, after training
+        report.timing["retrain_s"] = time.perf_counter() - t + run.retrain.prepare_s
     if state.guard is not None:
         t = time.perf_counter()
         if e2e is None:
@@ -429,8 +442,10 @@ def _start(
         recon={k: v for k, v in vars(rc).items()},
     )
     model.eval()
+    if rc.retrains and store.streamed:
+        raise PrunekitError("--recon retrain trains the whole model at once and needs it in memory, not streamed from disk; use --weights memory")
     needs_streams = criterion.needs_inputs or rc.trains or rc.measures or settings.owl
-    if needs_streams:
+    if needs_streams or rc.retrains:
         t = time.perf_counter()
         if calib_ids is None and checkpoint is not None:
             calib_ids = checkpoint.calibration()
@@ -447,9 +462,9 @@ def _start(
         report.timing["calib_s"] = time.perf_counter() - t
     else:
         report.notes.append("magnitude pruning uses no calibration data")
-    n = int(calib_ids.shape[0]) if needs_streams else 0
+    n = int(calib_ids.shape[0]) if needs_streams or rc.retrains else 0
     n_held = 0
-    if needs_streams and (rc.trains or rc.measures) and rc.holdout > 0:
+    if n and (rc.trains or rc.measures or rc.retrains) and rc.holdout > 0:
         if n < 2:
             raise PrunekitError("a held-out part needs at least 2 calibration windows; raise --nsamples or use --holdout 0")
         n_held = min(max(1, round(n * rc.holdout)), n - 1)
@@ -485,7 +500,7 @@ def _start(
     )
     state = RunState(
         report=report, sparse=sparse, dense_stream=streams.like(sparse) if needs_dense_stream else None,
-        guard=GuardReport(rc.guard) if guarded else None,
+        guard=GuardReport(rc.guard) if guarded else None, keep_masks=rc.retrains,
     )
     if settings.owl:  # dense pre-pass: block outlier ratios, then block sparsities (Yin et al. 2023)
         t = time.perf_counter()
@@ -505,6 +520,9 @@ def _start(
         else:
             e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device)
         state.guard.seconds += time.perf_counter() - t
+    if rc.retrains:  # reads the dense model (kd teacher, the guard's reference): before any block changes
+        run.retrain = Retrain(model, calib_ids, run.train_rows, run.held_rows, rc, bs, device,
+                              precision.stream_dtype(config.stream_dtype))
     return run, state, streams, e2e
 
 
@@ -517,7 +535,8 @@ def _advance(run: _Run, state: RunState, lo: int) -> None:
         if state.dense_stream is not None:
             _push(state.dense[j], j, run.captured, state.dense_stream, run.device)
         state.dense.pop(j, None)
-        state.masks.pop(j, None)
+        if not state.keep_masks:
+            state.masks.pop(j, None)
         run.store.finish(j)
         state.pos += 1
 

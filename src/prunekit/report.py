@@ -27,9 +27,10 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"time       prune {_fmt_s(t.get('prune_s'))}, eval {_fmt_s(t.get('eval_s'))}, total {_fmt_s(t.get('total_s'))}; "
         f"peak memory {metrics['peak_rss_mb']:.0f} MB"
     )
-    guard = metrics.get("reconstruction", {}).get("guard")
-    if guard and guard.get("summary"):
-        lines.append(guard["summary"])
+    for section in ("reconstruction", "retrain"):
+        guard = (metrics.get(section) or {}).get("guard")
+        if guard and guard.get("summary"):
+            lines.append(guard["summary"])
     return lines
 
 
@@ -120,6 +121,9 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             if worse:
                 out += ["", "| window (blocks) | per-token error masks-only | reconstructed | reverted |", "|---|---|---|---|"]
                 out += [f"| {w['blocks']} | {w['lr']:.4f} | {w['recon']:.4f} | {w['reverted']} |" for w in worse]
+        if rec.get("compute", {}).get("flops"):  # the figures a retraining run reports too, for side-by-side reading
+            c = rec["compute"]
+            out.append(f"\nTraining: {c['flops']:.3g} FLOPs (linears, forward + backward) in {c['train_s']:.1f} s, {c['steps']} steps.")
         if "throughput" in rec:
             t = rec["throughput"]
             out.append(
@@ -128,6 +132,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             )
         for plot in metrics.get("plots", []):
             out += ["", f"![{plot}]({plot})"]
+    if metrics.get("retrain"):
+        out += _retrain_markdown(metrics["retrain"], s)
     if metrics.get("notes"):
         out += ["", "## Notes", ""] + [f"- {n}" for n in metrics["notes"]]
     out += [
@@ -138,6 +144,49 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _retrain_markdown(rt: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """The ``## Retraining`` section: settings, held-out loss per epoch, compute and memory, the guard."""
+    fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
+    c = rt["compute"]
+    out = [
+        "",
+        "## Retraining",
+        "",
+        f"Preset `{recon_label(rt['settings'])}`: the whole pruned model trained end to end with its masks fixed, "
+        f"loss {rt['loss']}, trained parameters: {rt['params']} ({rt['trainable_params']:,}), {rt['epochs_run']} of "
+        f"{rt['epochs']} epochs, lr {rt['lr']}, {rt['batch_size']} windows per step, {rt['steps']} steps on "
+        f"{rt['tokens']:,} tokens; {rt['heldout_windows']} calibration windows held out"
+        + (f"; precision {s['precision']}" if "precision" in s else "")
+        + ("; gradient checkpointing" if rt.get("gradient_checkpointing") else "") + ".",
+        "",
+        "| epoch | training loss | held-out loss |",
+        "|---|---|---|",
+        f"| before | - | {fmt(rt['heldout_before'])} |",
+    ]
+    for e, loss in enumerate(rt["loss_curve"]):
+        held = rt["heldout_curve"][e] if e < len(rt["heldout_curve"]) else None
+        out.append(f"| {e + 1} | {loss:.4f} | {fmt(held)} |")
+    out.append(f"| end{' (reverted)' if rt['reverted'] else ''} | - | {fmt(rt['heldout_after'])} |")
+    out += [
+        "",
+        "| compute and memory | value |",
+        "|---|---|",
+        f"| training FLOPs (linears and LM head, forward + backward) | {c['flops']:.3g} |",
+        f"| training time | {c['train_s']:.1f} s |",
+        f"| dense teacher / guard reference time | {c['teacher_s']:.1f} s ({c['teacher_flops']:.3g} FLOPs) |",
+        f"| AdamW state | {c['optimizer_state_mb']:.1f} MB |",
+        f"| peak host memory at the end of retraining | {c['peak_rss_mb']:.0f} MB |",
+    ]
+    if c.get("peak_gpu_mb") is not None:
+        out.append(f"| peak GPU memory at the end of retraining | {c['peak_gpu_mb']:.0f} MB |")
+    if "throughput" in rt:
+        t = rt["throughput"]
+        out.append(f"| throughput | {t['train_gflops']:.1f} GFLOP/s, {t['fraction']:.0%} of the measured matmul rate |")
+    if rt.get("guard"):
+        out += ["", "### Guard", "", rt["guard"]["summary"] + f" (guard time {rt['guard']['seconds']:.1f} s)."]
+    return out
 
 
 def _line_plot(lines: list[tuple[str, list, list, str]], path, xlabel: str, ylabel: str, title: str = "") -> bool:
@@ -254,9 +303,10 @@ def _row(r: dict[str, Any], datasets: list[str], tasks: list[str]) -> list[str]:
     s = r.get("settings", {})
     rec = r.get("reconstruction", {})
     err = rec.get("error", {})
+    settings = (rec or r.get("retrain") or {}).get("settings", {"recon": "lr"})
     zs = r.get("zeroshot", {})
     row = [
-        r["_name"], s.get("method", "-"), s.get("sparsity", "-"), recon_label(rec.get("settings", {"recon": "lr"})),
+        r["_name"], s.get("method", "-"), s.get("sparsity", "-"), recon_label(settings),
         f"{s.get('calib', '-')} {s.get('nsamples', '')}x{s.get('seqlen', '')}",
         _cell(r.get("sparsity", {}).get("overall"), "{:.4f}"),
     ]

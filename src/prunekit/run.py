@@ -160,9 +160,34 @@ def reconstruction_metrics(report, device: torch.device, mode: str = "fp32") -> 
         "error": report.error_summary(),
         "guard": report.guard.to_dict() if report.guard is not None else None,
         "units": [asdict(u) for u in report.units],
+        # the totals that a retraining run reports too (metrics["retrain"]["compute"]), to set side by side
+        "compute": {"flops": flops, "train_s": train_s, "steps": sum(u.steps for u in report.units)},
     }
     if flops:
         achieved = flops / max(train_s, 1e-9) / 1e9
+        peak = matmul_gflops(device, mode=mode)
+        out["throughput"] = {"train_gflops": achieved, "matmul_gflops": peak, "fraction": achieved / peak,
+                             "matmul_precision": mode}
+    return out
+
+
+def retrain_metrics(report, device: torch.device, mode: str = "fp32") -> dict[str, Any]:
+    """End-to-end retraining (``--recon retrain``): settings, loss curves, verdicts, and its compute and
+    memory under the same names as :func:`reconstruction_metrics`' ``compute`` and ``throughput``."""
+    r = report.retrain
+    out: dict[str, Any] = {
+        "settings": report.recon,
+        "heldout_windows": report.heldout_windows,
+        **{k: v for k, v in r.to_dict().items() if k != "guard"},
+        "guard": r.guard.to_dict() if r.guard is not None else None,
+        "compute": {
+            "flops": r.flops, "train_s": r.seconds, "steps": r.steps, "tokens": r.tokens,
+            "teacher_flops": r.teacher_flops, "teacher_s": r.teacher_seconds,
+            "peak_rss_mb": r.peak_rss_mb, "peak_gpu_mb": r.peak_gpu_mb, "optimizer_state_mb": r.optimizer_state_mb,
+        },
+    }
+    if r.flops:
+        achieved = r.flops / max(r.seconds, 1e-9) / 1e9
         peak = matmul_gflops(device, mode=mode)
         out["throughput"] = {"train_gflops": achieved, "matmul_gflops": peak, "fraction": achieved / peak,
                              "matmul_precision": mode}
@@ -383,7 +408,7 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
                     if cfg.eval.eval_tasks else None)
         eval_s = time.perf_counter() - t
         notes = list(report.notes) + [s.note for s in sets if s.note]
-        if report.units:
+        if report.units or report.retrain is not None:
             notes += coverage_notes(report.seqlen, results)
         settings = {
             "model": cfg.model.model,
@@ -422,6 +447,8 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
             metrics["zeroshot_markdown"] = zeroshot.to_markdown()
         if report.units:
             metrics["reconstruction"] = reconstruction_metrics(report, device, mode)
+        if report.retrain is not None:
+            metrics["retrain"] = retrain_metrics(report, device, mode)
         if rundir is not None and store is None:
             t = time.perf_counter()
             _make_room(rundir, checkpoint, int(model_bytes * 1.05))
