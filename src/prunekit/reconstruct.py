@@ -405,6 +405,39 @@ def _trainable(unit: Unit, cfg: ReconConfig) -> list[nn.Parameter]:
     return list(params.values())
 
 
+class BestSoFar:
+    """The held-out criterion's best value so far, its epoch, and when to stop (early stopping).
+
+    A copy of the weights at the best epoch is kept only with ``early_stop`` (the only case that goes
+    back to them), on ``copy_to`` (None: where the weights are) to spare device memory.
+    """
+
+    def __init__(self, start: float | None, params: list[nn.Parameter], early_stop: bool, patience: int,
+                 copy_to: torch.device | str | None = None) -> None:
+        self.value, self.epoch, self.weights = start, None, None
+        self.params, self.early_stop, self.patience, self.copy_to = params, early_stop, patience, copy_to
+        self.stale = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record the held-out ``value`` after ``epoch``; True when early stopping ends training now."""
+        if self.value is None or value < self.value:
+            self.value, self.epoch, self.stale = value, epoch, 0
+            if self.early_stop:
+                self.weights = {id(p): p.detach().to(self.copy_to or p.device, copy=True) for p in self.params}
+            return False
+        self.stale += 1
+        return self.early_stop and self.stale >= self.patience
+
+    def restore(self) -> int | None:
+        """With early stopping, put the best epoch's weights back and return that epoch (else None)."""
+        if not (self.early_stop and self.weights is not None):
+            return None
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(self.weights[id(p)])
+        return self.epoch
+
+
 def _adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.95, no weight decay), the fused kernel where the device has one.
 
@@ -459,8 +492,7 @@ def _adam(
         opt = _adamw(params, cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
         gen = torch.Generator().manual_seed(seed)
-        best = (crit_before, None, None)
-        stale = 0
+        best = BestSoFar(crit_before, params, cfg.early_stop, cfg.patience)
         tokens = int(inputs.shape[1]) if inputs.dim() > 2 else 1
         for epoch in range(cfg.epochs):
             order = train_rows[torch.randperm(len(train_rows), generator=gen)]
@@ -486,19 +518,11 @@ def _adam(
                 h = criterion(heldout_rows)
                 record.flops += _unit_flops(unit, len(heldout_rows) * tokens) / 3  # forward only
                 record.heldout_curve.append(h)  # type: ignore[arg-type]
-                if best[0] is None or h < best[0]:  # type: ignore[operator]
-                    # a copy of the weights only where early stopping may go back to them (host memory)
-                    best = (h, epoch, {id(p): p.detach().clone() for p in params} if cfg.early_stop else None)
-                    stale = 0
-                else:
-                    stale += 1
-                    if cfg.early_stop and stale >= cfg.patience:
-                        break
-        if cfg.early_stop and best[2] is not None:
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(best[2][id(p)])
-            record.best_epoch = best[1]
+                if best.update(h, epoch):  # type: ignore[arg-type]
+                    break
+        epoch_kept = best.restore()
+        if epoch_kept is not None:
+            record.best_epoch = epoch_kept
     except FloatingPointError:
         return True
     finally:

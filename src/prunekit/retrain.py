@@ -64,7 +64,7 @@ from .errors import PrunekitError
 from .families import Conv1D, Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot
 from .losses import kl_divergence
-from .reconstruct import Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable
+from .reconstruct import BestSoFar, Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +382,7 @@ class Retrain:
         opt = _adamw(params, cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
         gen = torch.Generator().manual_seed(seed)
-        best: tuple[float | None, int | None, dict[int, torch.Tensor] | None] = (record.heldout_before, None, None)
-        stale = 0
+        best = BestSoFar(record.heldout_before, params, cfg.early_stop, cfg.patience, copy_to="cpu")  # the whole model: on the host
         seq = int(self.ids.shape[1])
         for epoch in range(cfg.epochs or 0):
             order = rows[torch.randperm(len(rows), generator=gen)]
@@ -413,17 +412,9 @@ class Retrain:
                 record.heldout_curve.append(h)
                 if not math.isfinite(h):
                     return True
-                if best[0] is None or h < best[0]:
-                    # a host copy of the weights only where early stopping may go back to them
-                    best = (h, epoch, {id(p): p.detach().to("cpu", copy=True) for p in params} if cfg.early_stop else None)
-                    stale = 0
-                else:
-                    stale += 1
-                    if cfg.early_stop and stale >= cfg.patience:
-                        break
-        if cfg.early_stop and best[2] is not None:
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(best[2][id(p)])
-            record.best_epoch = best[1]
+                if best.update(h, epoch):
+                    break
+        epoch_kept = best.restore()
+        if epoch_kept is not None:
+            record.best_epoch = epoch_kept
         return False
