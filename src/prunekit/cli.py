@@ -58,6 +58,11 @@ _HELP = {
     "(auto: block by block when the model does not fit in the device's free memory)",
     "precision": "auto | fp32 | tf32 | bf16: forward/backward passes of reconstruction and of the streams "
     "(bf16 = autocast with float32 weights, loss and optimizer state; tf32 only on CUDA); auto = bf16 on a CUDA GPU, else fp32",
+    "weights": "auto | memory | stream: load the whole model into RAM, or read each block from a local safetensors "
+    "directory when needed and write it to the output when final (auto: stream when the model would not fit in RAM)",
+    "max_shard_size": "shard size of a model written while streaming, e.g. 5GB or 500MB",
+    "checkpoint_every": "minutes between checkpoints of the activation streams (0: after every window); "
+    "finished blocks are checkpointed at once",
     "stream_dtype": "float32 | bfloat16: how activation streams are stored (bfloat16 halves their memory and I/O)",
     "retrain_loss": "--recon retrain: lm (next-token loss on the calibration windows) | kd (KL to the dense model through the LM head)",
     "gradient_checkpointing": "--recon retrain: recompute block activations (and LM-head chunks) in the backward pass to save memory",
