@@ -73,10 +73,11 @@ def corpus() -> Path:
 CHILD = """
 import json, sys, time
 from pathlib import Path
-def peak():  # VmHWM: this process's own peak (ru_maxrss would include the parent's at fork time)
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
+sys.path.insert(0, sys.argv[-1])  # bench/: the VmHWM helpers of gpu.py (ru_maxrss would include the parent's at fork time)
+bench_dir = sys.argv.pop()
+from gpu import peak_rss_bytes as peak, reset_peak_rss
+if not reset_peak_rss():  # the peak must start from this process's own RSS
+    raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs)")
 t = time.perf_counter()
 import torch, transformers, prunekit.cli, prunekit.run, transformers.models.llama.modeling_llama  # noqa
 base = peak()
@@ -84,13 +85,11 @@ if sys.argv[1] == "baseline":
     print(json.dumps({"rss": base}))
     raise SystemExit
 if sys.argv[1] == "build":
-    sys.path.insert(0, sys.argv[2])
     import stream_memory
     stream_memory.build(sys.argv[3], int(sys.argv[4]))
     print(json.dumps({}))
     raise SystemExit
 if sys.argv[1] == "same":
-    sys.path.insert(0, sys.argv[2])
     import stream_memory
     print(json.dumps({"same": stream_memory.same_weights(Path(sys.argv[3]), Path(sys.argv[4]))}))
     raise SystemExit
@@ -101,7 +100,7 @@ print(json.dumps({"rc": rc, "rss": peak(), "base": base, "seconds": time.perf_co
 
 def child(*args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    res = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-c", CHILD, *args, str(HERE)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise SystemExit(f"child failed: {' '.join(args)}\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -47,7 +47,6 @@ import contextlib
 import functools
 import logging
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -65,6 +64,7 @@ from .families import Conv1D, Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot
 from .losses import kl_divergence
 from .reconstruct import BestSoFar, Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable
+from .streams import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,6 @@ class RetrainRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.no_grad()
@@ -334,7 +330,7 @@ class Retrain:
                 record.heldout_after = self._heldout(model, readout)
         finally:
             model.to("cpu")
-        record.peak_rss_mb = _peak_rss_mb()
+        record.peak_rss_mb = peak_rss_mb()
         if device.type == "cuda":
             record.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
         before, after = record.heldout_before, record.heldout_after

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import errno
 import logging
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from .report import plot_unit_errors, render_markdown, summary_lines
 from .rundir import RunDir, probe_writable
 from .selfgen import self_calibration
 from .shards import ShardWriter, StreamedModel
+from .streams import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ class EvalSet:
     name: str
     windows: torch.Tensor  # [n, seqlen]
     note: str | None = None
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prepare_eval_sets(

@@ -36,6 +36,13 @@ def available_ram() -> int:
     return 1 << 50
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class StreamAllocator:
     """Allocates streams in RAM or on disk, following ``mode``: ``auto`` | ``ram`` | ``disk``.
 
