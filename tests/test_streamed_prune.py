@@ -27,10 +27,11 @@ def _cfg(recon: str, method: str, **recon_extra) -> PruneConfig:
 
 def _streamed(src, out, cfg, lr_dir=None):
     sm = StreamedModel(src, attn_implementation="eager")
-    store = StreamedBlocks(sm, ShardWriter(out, max_shard_size="20KB"), lr_dir=lr_dir)
+    writer = ShardWriter(out, max_shard_size="20KB")
+    store = StreamedBlocks(sm, writer, lr_dir=lr_dir)
     _, report = prunekit.prune(sm.model, None, cfg, calib_ids=CALIB, progress=False, store=store)
     sm.model.config.use_cache = True
-    store.writer.finish(config=sm.model.config, copy_from=src, expected=sm.saved_names())
+    writer.finish(config=sm.model.config, copy_from=src, expected=sm.saved_names())  # as run.py does
     assert sm.resident_bytes() == 0  # every part was released
     return report
 

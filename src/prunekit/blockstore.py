@@ -199,23 +199,19 @@ class StreamedBlocks:
         """
         for j in sorted(self._live):
             self.finish(j)
-        if self.revert and self.lr_writer is not None:
-            self.writer.abort()
-            self.writer = ShardWriter(self.writer.final, self.writer.max_shard_size, in_place=True)
+        if self.revert and self.lr_writer is not None:  # the same writer, emptied (its owner finishes it)
+            self.writer.restart()
             for j in range(self.sm.num_blocks):
                 self.writer.add(self.lr_writer.read(self.sm.saved_names_of(j).values()))
         if self.lr_writer is not None:
             self.lr_writer.abort()
-        for part in ("input", "head"):
-            if part == "head" and self._head:
-                self.writer.add(self.sm.save_state(part))
-                continue
-            self.sm.materialize(part)
-            self.writer.add(self.sm.save_state(part))
-            self.sm.release(part)
-        if self._head:
-            self.sm.release("head")
-            self._head = False
+        self.sm.materialize("input")
+        self.writer.add(self.sm.save_state("input"))
+        self.sm.release("input")
+        self.head()  # materialised already for the kd objective, or now
+        self.writer.add(self.sm.save_state("head"))
+        self.sm.release("head")
+        self._head = False
 
 
 class ShardWeights:

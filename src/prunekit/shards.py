@@ -949,6 +949,11 @@ class ShardWriter:
         self._shards = []
         self.names = set()
 
+    def restart(self) -> None:
+        """Drop everything written so far and write again in the same place (a reverted run's output)."""
+        self.abort()
+        self.staging.mkdir(parents=True, exist_ok=True)
+
 
 def _numel(shape: list[int]) -> int:
     n = 1
