@@ -107,9 +107,10 @@ def _damaged(path: Path, e: BaseException) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, fingerprint: str) -> None:
+    def __init__(self, directory: str | Path, fingerprint: str, world: int = 1) -> None:
         self.dir = Path(directory)
         self.fingerprint = fingerprint  # the settings that must match on resume
+        self.world = world  # ranks of the run (prunekit.dist): a resume must have as many
         (self.dir / "blocks").mkdir(parents=True, exist_ok=True)
         self._final: dict[int, str] = {}  # block -> file of its final weights
         self._final_lr: dict[int, str] = {}  # block -> its masks-only weights (reconstruction guard)
@@ -175,6 +176,7 @@ class Checkpointer:
         state = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
+            "world": self.world,
             "window": window,
             "pos": pos,
             "final": {str(j): f for j, f in self._final.items()},
@@ -254,6 +256,13 @@ class Checkpointer:
         if fingerprint != self.fingerprint:
             raise PrunekitError(
                 f"the checkpoint in {self.dir} was made with other settings; resume with the run's own config.yaml"
+            )
+        world = state.get("world", 1)
+        if world != self.world:
+            raise PrunekitError(
+                f"the interrupted run ran on {world} rank{'s' if world != 1 else ''} and this one has {self.world}; "
+                + (f"resume it with torchrun --nproc-per-node {world} (in all, {world} processes)" if world > 1
+                   else "resume it as one process, without torchrun")
             )
         try:
             final = {int(j): str(f) for j, f in state["final"].items()}

@@ -66,6 +66,9 @@ _HELP = {
     "stream_dtype": "float32 | bfloat16: how activation streams are stored (bfloat16 halves their memory and I/O)",
     "retrain_loss": "--recon retrain: lm (next-token loss on the calibration windows) | kd (KL to the dense model through the LM head)",
     "gradient_checkpointing": "--recon retrain: recompute block activations (and LM-head chunks) in the backward pass to save memory",
+    "parallel": "under torchrun: auto | data | block. data splits the calibration windows across ranks; block gives "
+    "each rank its own blocks (only for units on dense inputs with local targets, e.g. --recon free-lunch); auto picks block where it can",
+    "dist_timeout": "under torchrun: minutes a rank waits for the others before the job ends with an error",
     "guard": "revert | warn | off: compare reconstruction with the masks-only weights on held-out windows "
     "(per window, and end to end by KL through the LM head); revert windows, or the whole run, that end worse",
 }

@@ -331,6 +331,10 @@ class PruneConfig:
     # activation streams (and a unit's inputs/targets) stored as: float32 | bfloat16 (half the
     # memory and I/O); float32 keeps the model's own dtype, as before this setting
     stream_dtype: str = "float32"
+    # several processes (torchrun; prunekit.dist): auto | data | block. auto = block-parallel where
+    # units are independent (dense inputs, local targets, one block per window), else data-parallel
+    parallel: str = "auto"
+    dist_timeout: float = 30.0  # minutes a collective may wait for the other ranks before the job ends
 
     def validate(self) -> Sparsity:
         self.calib.validate()
@@ -342,6 +346,10 @@ class PruneConfig:
             raise PrunekitError(f"unknown offload {self.offload!r}; choose auto, ram or disk")
         if not self.checkpoint_every >= 0:
             raise PrunekitError(f"--checkpoint-every must be 0 or more minutes, not {self.checkpoint_every}")
+        if self.parallel not in ("auto", "data", "block"):
+            raise PrunekitError(f"unknown --parallel {self.parallel!r}; choose auto, data or block")
+        if not self.dist_timeout > 0:
+            raise PrunekitError(f"--dist-timeout must be a positive number of minutes, not {self.dist_timeout}")
         return self.sparsity.validate()
 
 

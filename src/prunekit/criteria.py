@@ -68,6 +68,18 @@ class InputStats:
         else:
             self._sq += (x * x).sum(0)
 
+    def all_reduce(self, ranks) -> None:
+        """Sum the statistics over the ranks of a data-parallel run (each saw its own windows), so every
+        rank reads the single-process statistics and chooses the same masks (:mod:`prunekit.dist`)."""
+        if not ranks.active:
+            return
+        self.tokens = round(ranks.sum_floats([float(self.tokens)])[0])
+        parts = [self._sq] if not self._hessian else []
+        parts += [acc for _key, acc in sorted(self._tile_xtx.items())]
+        if self._xtx is not None:
+            parts.append(self._xtx)
+        ranks.all_reduce_many_(parts)
+
     def _gram(self) -> torch.Tensor:
         """``X^T X``; the first read moves the tile sums into the full matrix and frees the tiles."""
         if self._xtx is None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blockwalk import Batch, WeightSource, walk
+from .dist import Ranks
 from .families import Readout
 from .losses import ErrorSums, kl_divergence
 
@@ -54,11 +55,12 @@ def restore(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def token_error(outputs: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean per-token normalised error of ``outputs`` against ``reference`` (``[n, seq, d]``)."""
+def token_error(outputs: torch.Tensor, reference: torch.Tensor, ranks: Ranks = Ranks()) -> float:
+    """Mean per-token normalised error of ``outputs`` against ``reference`` (``[n, seq, d]``), over
+    every rank's windows in a data-parallel run."""
     sums = ErrorSums()
     sums.add(outputs, reference)
-    return sums.token
+    return sums.reduced(ranks).token
 
 
 @dataclass
@@ -84,8 +86,10 @@ class EndToEnd:
 
     def __init__(
         self, model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device, source: WeightSource | None = None,
+        ranks: Ranks = Ranks(),
     ) -> None:
-        self.ids = ids
+        self.ids = ids  # this rank's held-out windows (a data-parallel run sums the measures over ranks)
+        self.ranks = ranks
         self.batch_size = batch_size
         self.device = device
         self.dense_hidden = self._hidden(model, source).to(torch.float32)
@@ -130,6 +134,7 @@ class EndToEnd:
                 source.release_head()
             else:
                 readout.to("cpu")
+        kl, nll, count = self.ranks.sum_floats([kl, nll, float(count)])
         return kl / max(count, 1), nll / max(count, 1)
 
     def measure(self, model: nn.Module, source: WeightSource | None = None) -> EndToEndResult:

@@ -26,7 +26,7 @@ own per-token loss. Units are early-stopped and reverted on that criterion.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -125,6 +125,14 @@ class ErrorSums:
             per = objective.per_token(y, t)
             self.objective += float(per.sum())
             self.objective_tokens += int(per.numel())
+
+    def reduced(self, ranks) -> "ErrorSums":
+        """These sums added over the ranks of a data-parallel run (:mod:`prunekit.dist`); itself on one process."""
+        if not ranks.active:
+            return self
+        names = [f.name for f in fields(self)]
+        totals = ranks.sum_floats([float(getattr(self, k)) for k in names])
+        return ErrorSums(**{k: (round(v) if isinstance(getattr(self, k), int) else v) for k, v in zip(names, totals)})
 
     @property
     def aggregate(self) -> float:

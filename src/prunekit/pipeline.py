@@ -30,6 +30,7 @@ distributed mode would plug in at these phases (windows or batches split across 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ from .capture import Captured, capture, propagate, run_block, to_device
 from .config import CalibConfig, PruneConfig, ReconConfig, Sparsity, recon_label
 from .criteria import Criterion, InputStats, make_criterion
 from .data import documents, sample_windows
+from .dist import Ranks, choose_mode, weights_digest
 from .errors import PrunekitError
 from .families import Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot, token_error
@@ -140,11 +142,13 @@ def collect_stats(
     batch_size: int,
     device: torch.device,
     hessian: bool,
+    ranks: Ranks = Ranks(),
 ) -> dict[str, InputStats]:
     """Run ``inputs`` (``[n, seq, hidden]``) through ``block`` with hooks accumulating each input group's statistics.
 
     The pass stops at the input of the block's last linear (its output is not needed), which
-    skips the largest matrix product of an MLP block.
+    skips the largest matrix product of an MLP block. In a data-parallel run the statistics are
+    then summed over ranks (each ran its own windows).
     """
     stats: dict[str, InputStats] = {}
     handles = []
@@ -162,6 +166,8 @@ def collect_stats(
     finally:
         for h in handles:
             h.remove()
+    for group in groups:  # in the same order on every rank
+        stats[group[0]].all_reduce(ranks)
     return stats
 
 
@@ -202,6 +208,23 @@ class _Run:
     seed: int
     store: InMemoryBlocks | StreamedBlocks  # where blocks live (RAM, or streamed from and to shards)
     retrain: Retrain | None = None  # --recon retrain: prepared on the dense model, run after the last window
+    ranks: Ranks = field(default_factory=Ranks)  # several processes (prunekit.dist)
+    mode: str = "single"  # single | data (windows split across ranks) | block (blocks split across ranks)
+    train_offset: int = 0  # data-parallel: global index of this rank's first training window
+    train_total: int | None = None  # data-parallel: training windows over all ranks
+
+    @property
+    def data_ranks(self) -> Ranks:
+        """The ranks that sums over windows run across: all of them data-parallel, none otherwise."""
+        return self.ranks if self.mode == "data" else Ranks()
+
+    @property
+    def independent(self) -> bool:
+        """Units read the dense model's inputs and fit local targets, one block per window: no block's
+        reconstruction changes another's data. The sparse stream (for the masks) then passes the
+        masks-only weights, so the masks are the layer-wise pass's and blocks can be reconstructed in
+        any order, or on different ranks (block-parallel)."""
+        return self.rc.trains and self.rc.inputs == "dense" and self.rc.targets == "local" and self.rc.window == 1
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -243,20 +266,23 @@ class RunState:
     dense: dict[int, nn.Module] = field(default_factory=dict)
     masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     lr_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # independent units (see _Run.independent): masks-only weights the sparse stream has still to pass
+    lr_next: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     recon_s: float = 0.0
     keep_masks: bool = False  # keep every block's masks to the end (end-to-end retraining needs them)
     streams_saved_at: float = field(default_factory=time.perf_counter)  # when streams were last checkpointed
 
     def save(self, checkpoint: Checkpointer, k: int, store: InMemoryBlocks | StreamedBlocks, idx: list[int],
-             next_lo: int, every_s: float) -> None:
+             next_lo: int, every_s: float | None) -> None:
         """Record that window ``k`` (blocks ``idx``) is finished; blocks below ``next_lo`` are final.
 
         Final blocks are written once: into the checkpoint, or, streaming, into the output shards
         (``store.persist``). The streams are written only when ``every_s`` seconds have passed since
-        they last were (0: after every window): a resumed run replays them through the finished blocks.
+        they last were (0: after every window; None: never, as in a data-parallel run, where each
+        rank holds its own windows): a resumed run replays them through the finished blocks.
         """
         now = time.perf_counter()
-        with_streams = now - self.streams_saved_at >= every_s
+        with_streams = every_s is not None and now - self.streams_saved_at >= every_s
         guard = self.guard
         final = [j for j in idx if j < next_lo]
         elsewhere = [j for j in final if store.persist(j)]
@@ -270,7 +296,7 @@ class RunState:
                     "units": [asdict(u) for u in self.report.units], "recon_s": self.recon_s,
                     "guard_windows": guard.windows if guard else [], "guard_s": guard.seconds if guard else 0.0,
                     "checkpoint_bytes": checkpoint.bytes_written},
-            lr_states={j: self.lr_states[j] for j in final if j in self.lr_states},
+            lr_states={j: self.lr_states.get(j, self.lr_next.get(j)) for j in final if j in self.lr_states or j in self.lr_next},
             streams={"sparse": self.sparse, "dense": self.dense_stream} if with_streams else None,
             final_elsewhere=sorted(getattr(store, "written", ())),
             final_masks={j: self.masks[j] for j in final if j in self.masks} if self.keep_masks else None,
@@ -280,7 +306,7 @@ class RunState:
         self.window = k + 1
 
     def restore(self, checkpoint: Checkpointer, store: InMemoryBlocks | StreamedBlocks, keep_dense: bool,
-                captured: Captured | None, device: torch.device) -> bool:
+                captured: Captured | None, device: torch.device, independent: bool = False) -> bool:
         """Continue from the checkpoint's last state (the store's blocks are still the original ones); False if none.
 
         The streams come back from the last saved ones (or block 0's inputs, just captured again)
@@ -293,6 +319,8 @@ class RunState:
             return False
         self.window, self.pos = state["window"] + 1, state["pos"]
         store.resumed(state["final_elsewhere"])
+        if independent:  # the sparse stream passes masks-only weights (see _Run.independent)
+            self.lr_next = {j: checkpoint.block_state(j, "lr") for j in state["final_lr"]}
         saved = state["streams"]
         start = 0
         if saved is not None:
@@ -303,6 +331,7 @@ class RunState:
                 self.dense_stream.copy_(saved["dense"])
         for j in sorted({*state["final"], *state["final_elsewhere"]}):
             if j < start:  # passed by the saved streams
+                self.lr_next.pop(j, None)
                 if not store.streamed:
                     store.blocks[j].load_state_dict(store.final_state(j, checkpoint))
             elif j < self.pos:  # replay the streams through it
@@ -310,9 +339,12 @@ class RunState:
                     _push(store.visit(j, device), j, captured, self.dense_stream, device)
                     store.leave(j)
                 block = store.open(j, torch.device("cpu"))
-                block.load_state_dict(store.final_state(j, checkpoint))
+                lr = self.lr_next.pop(j, None)
+                block.load_state_dict(lr if lr is not None else store.final_state(j, checkpoint))
                 if self.sparse is not None:
                     _push(block, j, captured, self.sparse, device)
+                if lr is not None:
+                    block.load_state_dict(store.final_state(j, checkpoint))
                 store.finish(j)
             else:  # the streams have not passed it: a dense copy from the original, then its final weights
                 if keep_dense:
@@ -346,6 +378,7 @@ def prune(
     checkpoint: Checkpointer | None = None,
     on_window: Callable[[int], None] | None = None,
     store: StreamedBlocks | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place, window by window, reconstruct it as configured, return a :class:`PruneReport`.
 
@@ -355,13 +388,20 @@ def prune(
     is called after window ``k`` is finished and checkpointed. With a ``store``
     (:class:`prunekit.blockstore.StreamedBlocks`), ``model`` is its meta-device skeleton: blocks are
     read from the input shards when needed and written to the output shards when final.
+
+    With ``ranks`` (several processes under torchrun, :mod:`prunekit.dist`) every rank calls this
+    with the same arguments: data-parallel, each keeps its share of the windows; block-parallel,
+    each reconstructs its own blocks and all end with every block. Only rank 0 writes the
+    checkpoint (the others read it to resume) and draws progress bars.
     """
     config = config or PruneConfig()
+    ranks = ranks or Ranks()
+    progress = progress and ranks.main
     t_prune = time.perf_counter()
-    run, state, streams, e2e = _start(model, tokenizer, config, calib_ids, progress, checkpoint, store or InMemoryBlocks(model))
+    run, state, streams, e2e = _start(model, tokenizer, config, calib_ids, progress, checkpoint, store or InMemoryBlocks(model), ranks)
     rc, report = run.rc, state.report
     plan = windows(len(run.blocks), rc.window, rc.stride)
-    if checkpoint is not None and state.restore(checkpoint, run.store, run.keep_dense, run.captured, run.device):
+    if checkpoint is not None and state.restore(checkpoint, run.store, run.keep_dense, run.captured, run.device, run.independent):
         log.info("resuming after window %d of %d", state.window, len(plan))
     desc = f"pruning ({config.sparsity.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
     bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=state.window)
@@ -372,12 +412,14 @@ def prune(
         _advance(run, state, lo)
         win = _open_window(run, state, idx)
         _choose_masks(run, state, win, idx)
-        if rc.trains or rc.measures:
+        if (rc.trains or rc.measures) and (run.mode != "block" or ranks.owns_block(idx[0])):
             _reconstruct(run, state, win, idx, k)
+        elif run.independent:  # block-parallel, another rank's block: its masks-only weights, for the sparse stream
+            state.lr_next.update({j: snapshot(run.blocks[j]) for j in idx})
         _verify(run, state, idx)
-        if checkpoint is not None:
+        if checkpoint is not None and ranks.main and run.mode != "block":
             next_lo = plan[k + 1][0] if k + 1 < len(plan) else len(run.blocks)
-            state.save(checkpoint, k, run.store, idx, next_lo, config.checkpoint_every * 60)
+            state.save(checkpoint, k, run.store, idx, next_lo, None if run.mode == "data" else config.checkpoint_every * 60)
         bar.update(1)
         if on_window is not None:
             on_window(k)
@@ -385,6 +427,10 @@ def prune(
     for j in range(state.pos, len(run.blocks)):
         run.store.finish(j)
     streams.close()
+    if run.mode == "block":
+        _gather_blocks(run, state)
+    if ranks.active:  # every rank must end with the same model: a cheap fingerprint of the weights, compared
+        ranks.check_same(weights_digest(run.blocks), "the pruned weights")
     if run.retrain is not None:  # the whole pruned model trained end to end, masks fixed (prunekit.retrain)
         t = time.perf_counter()
         masks = {name: m for j in sorted(state.masks) for name, m in state.masks[j].items()}
@@ -422,11 +468,17 @@ def prune(
 
 def _start(
     model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None, progress: bool,
-    checkpoint: Checkpointer | None, store: InMemoryBlocks | StreamedBlocks,
+    checkpoint: Checkpointer | None, store: InMemoryBlocks | StreamedBlocks, ranks: Ranks = Ranks(),
 ) -> tuple[_Run, RunState, StreamAllocator, EndToEnd | None]:
     """Validate the settings, calibrate, capture block 0's inputs, and set up the run's fixed parts and state."""
     sparsity = config.validate()
     rc: ReconConfig = config.recon.validate()
+    mode = choose_mode(config.parallel, rc.inputs, rc.targets, rc.window, rc.trains, ranks)
+    if ranks.active:
+        if rc.retrains:
+            raise PrunekitError("--recon retrain runs on one process; start it without torchrun (or with --nproc-per-node 1)")
+        if store.streamed:
+            raise PrunekitError("weights streamed from disk run on one process for now; use --weights memory under torchrun")
     device = resolve_device(config.device)
     layout = discover(model)
     settings = config.sparsity
@@ -447,16 +499,19 @@ def _start(
     needs_streams = criterion.needs_inputs or rc.trains or rc.measures or settings.owl
     if needs_streams or rc.retrains:
         t = time.perf_counter()
-        if calib_ids is None and checkpoint is not None:
+        if calib_ids is None and checkpoint is not None and ranks.main:
             calib_ids = checkpoint.calibration()
-        if calib_ids is None:
+        if calib_ids is None and not ranks.main:
+            pass  # rank 0's windows arrive below
+        elif calib_ids is None:
             if store.streamed and (config.calib.calib == "self" or config.calib.calib_mix > 0):
                 raise PrunekitError(
                     "self-generated calibration needs the whole model in memory, not weights streamed from disk; "
                     "calibrate on a corpus (--calib c4) or use --weights memory"
                 )
             calib_ids = calibration_ids(model, tokenizer, config.calib, device)
-        if checkpoint is not None:
+        calib_ids = ranks.broadcast_object(calib_ids)  # every rank calibrates on rank 0's windows
+        if checkpoint is not None and ranks.main:
             checkpoint.save_calibration(calib_ids)
         report.nsamples, report.seqlen = int(calib_ids.shape[0]), int(calib_ids.shape[1])
         report.timing["calib_s"] = time.perf_counter() - t
@@ -469,6 +524,17 @@ def _start(
             raise PrunekitError("a held-out part needs at least 2 calibration windows; raise --nsamples or use --holdout 0")
         n_held = min(max(1, round(n * rc.holdout)), n - 1)
     report.heldout_windows = n_held
+    train_offset, train_total = 0, None
+    if mode == "data" and n:  # this rank's share of the training and of the held-out windows
+        n_train = n - n_held
+        if n_train < ranks.world or 0 < n_held < ranks.world:
+            raise PrunekitError(
+                f"{ranks.world} data-parallel ranks need at least {ranks.world} training and {ranks.world} held-out "
+                f"calibration windows (have {n_train} and {n_held}); raise --nsamples or start fewer ranks"
+            )
+        (t0, t1), (h0, h1) = ranks.split(n_train), ranks.split(n_held)
+        calib_ids = torch.cat([calib_ids[t0:t1], calib_ids[n_train + h0 : n_train + h1]])
+        n, n_held, train_offset, train_total = int(calib_ids.shape[0]), h1 - h0, t0, n_train
     guarded = rc.trains and rc.guard != "off" and n_held > 0
     if rc.trains and rc.guard != "off" and n_held == 0:
         report.notes.append("the reconstruction guard is off: it needs held-out calibration windows (--holdout > 0)")
@@ -497,14 +563,19 @@ def _start(
         keep_dense=rc.trains or rc.measures or (rc.window > 1 and rc.recompute_masks),
         objective=Objective(rc.loss, rc.loss_skip, _readout(model, device) if rc.loss == "kd" and rc.trains else None),
         allocate=streams.empty, seed=config.calib.seed, store=store,
+        ranks=ranks, mode=mode, train_offset=train_offset, train_total=train_total,
     )
+    if mode == "block" and (checkpoint is not None or store.streamed):
+        report.notes.append("block-parallel: windows are not checkpointed (each rank holds only its own blocks' "
+                            "reconstruction until the end); an interrupted run starts again")
     state = RunState(
         report=report, sparse=sparse, dense_stream=streams.like(sparse) if needs_dense_stream else None,
         guard=GuardReport(rc.guard) if guarded else None, keep_masks=rc.retrains,
     )
     if settings.owl:  # dense pre-pass: block outlier ratios, then block sparsities (Yin et al. 2023)
         t = time.perf_counter()
-        ratios = _outlier_ratios(layout, captured, sparse, run.train_rows, bs, device, settings.owl_m, streams, store)
+        ratios = _outlier_ratios(layout, captured, sparse, run.train_rows, bs, device, settings.owl_m, streams, store,
+                                 run.data_ranks)
         sizes = [sum(weight_matrix(m).numel() for m in layout.block_linears(j).values()) for j in range(len(layout.blocks))]
         fractions = owl_sparsities(ratios, sizes, sparsity.fraction, settings.owl_lambda)
         run.block_sparsity = [Sparsity(fraction=f) for f in fractions]
@@ -518,7 +589,7 @@ def _start(
             source = store.dense_source(device)
             e2e = EndToEnd(source.sm.model, calib_ids[run.held_rows], bs, device, source)
         else:
-            e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device)
+            e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device, ranks=run.data_ranks)
         state.guard.seconds += time.perf_counter() - t
     if rc.retrains:  # reads the dense model (kd teacher, the guard's reference): before any block changes
         run.retrain = Retrain(model, calib_ids, run.train_rows, run.held_rows, rc, bs, device,
@@ -530,7 +601,13 @@ def _advance(run: _Run, state: RunState, lo: int) -> None:
     """Phase 1: push the streams to the window's first block; blocks before it are final."""
     while state.pos < lo:
         j = state.pos
-        if state.sparse is not None:
+        lr = state.lr_next.pop(j, None)
+        if state.sparse is not None and lr is not None:  # independent units: the masks-only weights (see _Run.independent)
+            final = snapshot(run.blocks[j])
+            restore(run.blocks[j], lr)
+            _push(run.blocks[j], j, run.captured, state.sparse, run.device)
+            restore(run.blocks[j], final)
+        elif state.sparse is not None:
             _push(run.blocks[j], j, run.captured, state.sparse, run.device)
         if state.dense_stream is not None:
             _push(state.dense[j], j, run.captured, state.dense_stream, run.device)
@@ -576,6 +653,7 @@ def _choose_masks(run: _Run, state: RunState, win: Window | None, idx: list[int]
             stats = collect_stats(
                 run.blocks[j], layout.input_groups(j), linears, x,
                 lambda rows, j=j: run.captured.kwargs_for(j, rows), run.batch_size, run.device, criterion.needs_hessian,
+                run.data_ranks,
             )
         state.masks[j] = {}
         criterion.sparsity = run.block_sparsity[j]
@@ -593,11 +671,14 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
     t = time.perf_counter()
     rc, bs, guard = run.rc, run.batch_size, state.guard
     dwin = Window([state.dense[j] for j in idx], idx, run.captured, run.device)
+    ranks = run.data_ranks
+    if run.independent:  # the sparse stream will pass the masks-only weights (see _Run.independent)
+        state.lr_next.update({j: snapshot(run.blocks[j]) for j in idx})
     if guard is not None:  # the window's masks-only weights and their held-out error
         tg = time.perf_counter()
-        snap = {j: snapshot(run.blocks[j]) for j in idx}
+        snap = {j: state.lr_next[j] if j in state.lr_next else snapshot(run.blocks[j]) for j in idx}
         reference = collect(dwin, state.dense_stream, Point(dwin.blocks[-1], post=True), run.held_rows, bs)
-        err_lr = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference)
+        err_lr = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference, ranks)
         guard.seconds += time.perf_counter() - tg
     window_masks = {name: m for j in idx for name, m in state.masks[j].items()}
     units = zip(build_units(run.layout, win, rc.granularity, run.prefix), build_units(run.layout, dwin, rc.granularity, run.prefix))
@@ -610,7 +691,7 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
             targets = collect(dwin, state.dense_stream, dunit.output, run.all_rows, bs, run.allocate)
         else:
             targets = _apply(dunit.forward, inputs, bs, run.device, run.allocate)
-        data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device)
+        data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device, ranks, run.train_offset, run.train_total)
         record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective)
         state.report.units.append(record)
         if record.note:
@@ -618,7 +699,7 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         del inputs, targets, data
     if guard is not None:  # the window's verdict: reconstructed vs masks-only, per token
         tg = time.perf_counter()
-        err_rec = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference)
+        err_rec = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference, ranks)
         worse = not err_rec <= err_lr
         if worse and rc.guard == "revert":
             for j in idx:
@@ -658,6 +739,7 @@ def _verify(run: _Run, state: RunState, idx: list[int]) -> None:
 def _outlier_ratios(
     layout, captured: Captured, block0_inputs: torch.Tensor, rows: torch.Tensor, batch_size: int,
     device: torch.device, m: float, streams: StreamAllocator, store: InMemoryBlocks | StreamedBlocks,
+    ranks: Ranks = Ranks(),
 ) -> list[float]:
     """Each block's OWL outlier ratio on the dense model's own activations (one pass over the blocks)."""
     stream = streams.like(block0_inputs)
@@ -668,7 +750,7 @@ def _outlier_ratios(
         linears = layout.block_linears(j)
         stats = collect_stats(
             block, layout.input_groups(j), linears, stream[: rows.numel()], lambda r, j=j: captured.kwargs_for(j, r),
-            batch_size, device, False,
+            batch_size, device, False, ranks,
         )
         ratios.append(block_outlier_ratio(
             [weight_matrix(lin) for lin in linears.values()], [stats[name].sq_norms for name in linears], m,
@@ -718,6 +800,46 @@ def _end_to_end_streamed(store: StreamedBlocks, e2e: EndToEnd, guard: GuardRepor
     worse = not final.kl <= lr.kl
     store.revert = worse and mode == "revert"
     guard.conclude(final, lr, store.revert, None)
+
+
+def _gather_blocks(run: _Run, state: RunState) -> None:
+    """Block-parallel: every rank receives the blocks the others reconstructed, and their records.
+
+    Each block goes from its owner (block ``j``: rank ``j % world``) to every rank in a broadcast
+    per tensor, so all ranks end with the sequential run's model. Before that, the masks-only
+    weights of the blocks this rank did not reconstruct are what it holds: they become its copies
+    for the guard's end-to-end check.
+    """
+    ranks = run.ranks
+    if state.guard is not None:
+        for j in range(len(run.blocks)):
+            if not ranks.owns_block(j) and j not in state.lr_states:
+                state.lr_states[j] = snapshot(run.blocks[j])
+    for j in range(len(run.blocks)):
+        owner = j % ranks.world
+        with torch.no_grad():
+            for t in run.blocks[j].state_dict().values():
+                ranks.broadcast_(t, owner)
+    parts = ranks.gather_objects({
+        "units": state.report.units, "notes": state.report.notes,
+        "guard": state.guard.windows if state.guard is not None else [],
+        "recon_s": state.recon_s,
+        "guard_s": state.guard.seconds if state.guard is not None else 0.0,
+    })
+    report = state.report
+    report.units = [u for p in parts for u in p["units"]]
+    report.units.sort(key=lambda u: _block_of(u.unit))  # stable: a block's units keep their order
+    report.notes = list(dict.fromkeys(n for p in parts for n in p["notes"]))
+    state.recon_s = max(p["recon_s"] for p in parts)  # ranks work at once: the longest one is the run's time
+    if state.guard is not None:
+        state.guard.windows = sorted((w for p in parts for w in p["guard"]), key=lambda w: w["window"])
+        state.guard.seconds = max(p["guard_s"] for p in parts)
+
+
+def _block_of(unit_name: str) -> int:
+    """A unit record's first block: the first number in its name ("block 3 mlp", "model.layers.3.mlp.up_proj")."""
+    found = re.search(r"\d+", unit_name)
+    return int(found.group()) if found else -1
 
 
 def _numel(model: nn.Module, name: str) -> int:

@@ -32,6 +32,7 @@ from .capture import Captured, run_block, to_device
 from .config import ReconConfig
 from .families import Conv1D, Layout, is_linear, weight_matrix
 from .losses import ErrorSums, Objective
+from .dist import Ranks
 from .probe import value_at
 
 log = logging.getLogger(__name__)
@@ -310,12 +311,40 @@ class FitData:
     heldout_rows: torch.Tensor
     batch_size: int
     device: torch.device
+    ranks: Ranks = field(default_factory=Ranks)  # data-parallel: this rank holds only some windows
+    train_offset: int = 0  # data-parallel: global index of this rank's first training window
+    train_total: int | None = None  # data-parallel: training windows over all ranks (default: this rank's)
 
     def measure(
         self, forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, objective: Objective | None = None,
         score: bool = True,
     ) -> ErrorSums | None:
-        return measure(forward, self.inputs, self.targets, rows, self.batch_size, self.device, objective, score)
+        """The error sums over ``rows`` (over every rank's rows in a data-parallel run)."""
+        sums = measure(forward, self.inputs, self.targets, rows, self.batch_size, self.device, objective, score)
+        if not self.ranks.active:
+            return sums
+        sums = (sums or ErrorSums()).reduced(self.ranks)
+        return sums if sums.tokens else None
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> list[tuple[torch.Tensor, int]]:
+        """One epoch's shuffled batches: this rank's rows of each and the batch's size over all ranks.
+
+        The permutation is drawn over all training windows with ``gen`` (the same on every rank), so
+        a data-parallel run takes the very batches of the single-process run; each rank computes the
+        part it holds (possibly none) and the gradients are summed.
+        """
+        total = len(self.train_rows) if self.train_total is None else self.train_total
+        order = torch.randperm(total, generator=gen)
+        if not self.ranks.active:
+            order = self.train_rows[order]
+            return [(order[b : b + batch_size], len(order[b : b + batch_size])) for b in range(0, total, batch_size)]
+        out = []
+        lo, hi = self.train_offset, self.train_offset + len(self.train_rows)
+        for b in range(0, total, batch_size):
+            chunk = order[b : b + batch_size]
+            mine = chunk[(chunk >= lo) & (chunk < hi)] - lo
+            out.append((self.train_rows[mine], len(chunk)))
+        return out
 
 
 def fit(
@@ -487,32 +516,36 @@ def _adam(
             for p in m.parameters():
                 p.requires_grad_(id(p) in chosen)
         hooks = _hold_masks(grad_masks)
-        steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+        steps_per_epoch = math.ceil((data.train_total or len(train_rows)) / batch_size)
         total = steps_per_epoch * cfg.epochs
         opt = _adamw(params, cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
         gen = torch.Generator().manual_seed(seed)
         best = BestSoFar(crit_before, params, cfg.early_stop, cfg.patience)
         tokens = int(inputs.shape[1]) if inputs.dim() > 2 else 1
+        ranks = data.ranks
         for epoch in range(cfg.epochs):
-            order = train_rows[torch.randperm(len(train_rows), generator=gen)]
             losses = []
             with torch.enable_grad():
-                for b in range(0, len(order), batch_size):
-                    idx = order[b : b + batch_size]
-                    x = inputs[idx].to(device, torch.float32)
-                    t = targets[idx].to(device, torch.float32)
+                for idx, global_size in data.batches(batch_size, gen):
                     with precision.step(device):  # TF32 for the whole step; bf16 autocasts the forward only
-                        loss = objective.loss(unit.forward(x).float(), t)  # a float32 loss in every mode
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                        if not ranks.active:
+                            x = inputs[idx].to(device, torch.float32)
+                            t = targets[idx].to(device, torch.float32)
+                            loss = objective.loss(unit.forward(x).float(), t)  # a float32 loss in every mode
+                            if not torch.isfinite(loss):
+                                raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
+                            loss.backward()
+                        else:
+                            loss = _data_parallel_step(unit, params, objective, inputs, targets, idx, global_size, device, ranks)
+                            if not torch.isfinite(loss):  # the same verdict on every rank (the summed loss)
+                                raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
                         opt.step()
                     sched.step()
                     losses.append(float(loss.detach()))
                     record.steps += 1
-                    record.flops += _unit_flops(unit, len(idx) * tokens)
+                    record.flops += _unit_flops(unit, global_size * tokens)
             record.loss_curve.append(sum(losses) / len(losses))
             if len(heldout_rows):
                 h = criterion(heldout_rows)
@@ -542,6 +575,27 @@ def _adam(
     return False
 
 
+def _data_parallel_step(
+    unit: Unit, params: list[nn.Parameter], objective: Objective, inputs: torch.Tensor, targets: torch.Tensor,
+    idx: torch.Tensor, global_size: int, device: torch.device, ranks: Ranks,
+) -> torch.Tensor:
+    """This rank's share of one global batch: its rows' loss weighted by their share of the batch,
+    backward, then gradients and loss summed over ranks. The objectives are means over windows of
+    equal length, so the sum is the single-process batch's loss and gradient (up to summation order)."""
+    loss = torch.zeros((), device=device)
+    if len(idx):
+        x = inputs[idx].to(device, torch.float32)
+        t = targets[idx].to(device, torch.float32)
+        loss = objective.loss(unit.forward(x).float(), t) * (len(idx) / global_size)
+        loss.backward()
+    for p in params:
+        if p.grad is None:  # no rows here this step (or no path to p): a zero share
+            p.grad = torch.zeros_like(p)
+    total = loss.detach().reshape(1).clone()
+    ranks.all_reduce_many_([p.grad for p in params] + [total])
+    return total[0]
+
+
 @torch.no_grad()
 def _lstsq(unit: Unit, masks: dict[str, torch.Tensor], data: FitData) -> None:
     """Exact least squares of a linear with its mask fixed: per output row, ``H_SS w_S = b_S``.
@@ -566,6 +620,7 @@ def _lstsq(unit: Unit, masks: dict[str, torch.Tensor], data: FitData) -> None:
         y = targets[idx].to(device).reshape(-1, w.shape[0]).double()
         h.addmm_(x.t(), x)
         b.addmm_(x.t(), y)
+    data.ranks.all_reduce_many_([h, b])  # data-parallel: every rank's windows
     h += 1e-6 * torch.diag(h).mean() * torch.eye(d, dtype=h.dtype, device=device)
     mask = masks[name].to(device)
     if bias is not None:

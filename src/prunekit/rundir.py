@@ -78,7 +78,7 @@ def probe_writable(directory: Path, what: str) -> None:
 class RunDir:
     def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, resumable: bool = False) -> None:
         self.final = Path(out).expanduser()
-        self.tmp = self.final.parent / f".{self.final.name}.partial"
+        self.tmp = self.partial_of(self.final)
         if not self.final.name or self.final.name in (".", ".."):
             raise PrunekitError(f"output {out!r} names no directory; give --out a new directory name")
         check_path_length(self.final)
@@ -105,6 +105,12 @@ class RunDir:
         probe = self.tmp / ".write-test"
         probe.write_text("ok")
         probe.unlink()
+
+    @staticmethod
+    def partial_of(out: str | Path) -> Path:
+        """Where the run for ``out`` keeps its work until it is committed (read by other ranks on resume)."""
+        final = Path(out).expanduser()
+        return final.parent / f".{final.name}.partial"
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.tmp).free

@@ -1,0 +1,71 @@
+"""One rank of the distributed tests (tests/test_dist.py starts it with torchrun): prune tiny models
+with prunekit.pipeline.prune on every rank and let rank 0 save what the test compares.
+
+Usage: torchrun --standalone --nproc-per-node N tests/dist_worker.py OUT_DIR CASES_JSON
+CASES_JSON maps a case name to {"config": PruneConfig fields as nested dicts, "n": windows, "seqlen": S}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import make_tiny_model, random_ids  # noqa: E402
+
+from prunekit import dist  # noqa: E402
+from prunekit.checkpoint import Checkpointer  # noqa: E402
+from prunekit.config import PruneConfig, set_leaf  # noqa: E402
+from prunekit.pipeline import prune  # noqa: E402
+
+
+def config_from(d: dict) -> PruneConfig:
+    cfg = PruneConfig()
+    for key, value in d.items():
+        set_leaf(cfg, key, value)
+    return cfg
+
+
+class Stop(Exception):
+    pass
+
+
+def run_case(spec: dict, ranks: dist.Ranks) -> dict | None:
+    """``spec["checkpoint"]``: a checkpoint directory (rank 0 writes it, the others read it on resume);
+    ``spec["stop_after"]``: every rank stops after that window, as an interrupted job would."""
+    model = make_tiny_model(spec.get("family", "llama"), seed=0, layers=spec.get("layers", 3))
+    ids = random_ids(spec["n"], spec["seqlen"], seed=1)
+    ckpt = Checkpointer(spec["checkpoint"], "x", ranks.world) if spec.get("checkpoint") else None
+
+    def on_window(k: int) -> None:
+        if k == spec.get("stop_after"):
+            raise Stop
+
+    try:
+        model, report = prune(model, None, config_from(spec["config"]), calib_ids=ids, progress=False, ranks=ranks,
+                              checkpoint=ckpt, on_window=on_window)
+    except Stop:
+        return None
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "units": [(u.unit, u.calib_before, u.calib_after, u.heldout_before, u.heldout_after, u.steps) for u in report.units],
+        "guard": None if report.guard is None else report.guard.to_dict(),
+    }
+
+
+def main() -> None:
+    out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    ranks = dist.init(dist.from_env())
+    results = {name: run_case(spec, ranks) for name, spec in cases.items()}
+    if ranks.main:
+        torch.save(results, out / f"world{ranks.world}.pt")
+    dist.shutdown(ranks)
+
+
+if __name__ == "__main__":
+    main()
