@@ -25,6 +25,7 @@ from prunekit.config import PruneConfig, set_leaf
 from prunekit.dist import Ranks, choose_mode
 from prunekit.errors import PrunekitError
 from prunekit.pipeline import prune
+from prunekit.reconstruct import FitData
 
 HERE = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -37,6 +38,9 @@ CASES = {
     "wanda-br-gp": {"n": 14, "seqlen": 8, "config": {
         "method": "wanda", "recon": "br-gp", "epochs": 3, "lr": 1e-3, "recon_batch_size": 4, "batch_size": 4,
         "holdout": 0.2, "guard": "revert"}},
+    "wanda-br-gp-local": {"n": 14, "seqlen": 8, "config": {
+        "method": "wanda", "recon": "br-gp", "epochs": 3, "lr": 1e-3, "recon_batch_size": 4, "batch_size": 4,
+        "holdout": 0.2, "guard": "revert", "dp_batches": "local"}},
     "free-lunch": {"n": 14, "seqlen": 8, "layers": 4, "config": {
         "method": "wanda", "recon": "free-lunch", "epochs": 2, "lr": 1e-3, "recon_batch_size": 4, "batch_size": 4,
         "holdout": 0.2, "guard": "revert"}},
@@ -90,6 +94,19 @@ def test_data_parallel_reconstruction_matches_one_process(two_ranks):
     assert got["guard"]["windows"] and len(got["guard"]["windows"]) == 3
 
 
+def test_local_batches_train_as_well_on_balanced_ranks(two_ranks):
+    """--dp-batches local: the ranks ended identical (prune checks it), with the single-process step
+    count, and another shuffle's weights but about the single-process held-out error."""
+    state, units = _single(CASES["wanda-br-gp"])
+    got = two_ranks["wanda-br-gp-local"]
+    assert any(not torch.allclose(got["state"][k], v, atol=1e-5) for k, v in state.items())
+    # block 0's masks come before any training; later blocks' depend on the reconstructed blocks before them
+    assert all(torch.equal(_masks(got["state"])[k], m) for k, m in _masks(state).items() if ".layers.0." in k)
+    for (name, _cb, _ca, hb, ha, steps), (name1, _cb1, _ca1, hb1, ha1, steps1) in zip(got["units"], units):
+        assert (name, steps) == (name1, steps1) and hb == pytest.approx(hb1, rel=0.05)
+        assert ha < hb and ha == pytest.approx(ha1, rel=0.25)
+
+
 def test_block_parallel_free_lunch_is_the_sequential_model(two_ranks):
     state, units = _single(CASES["free-lunch"])
     got = two_ranks["free-lunch"]
@@ -132,6 +149,35 @@ def test_data_parallel_run_resumes_to_the_same_model(tmp_path, two_ranks):
     for k, v in two_ranks["wanda-br-gp"]["state"].items():
         assert torch.equal(resumed["state"][k], v), k
     assert resumed["units"] == two_ranks["wanda-br-gp"]["units"]
+
+
+def _fit_data(rank: int, world: int, total: int, local: bool) -> FitData:
+    lo, hi = Ranks(rank, world).split(total)
+    x = torch.zeros(hi - lo + 1, 1)
+    return FitData(x, x, torch.arange(hi - lo), torch.tensor([hi - lo]), 4, torch.device("cpu"),
+                   Ranks(rank, world, rank, "gloo") if world > 1 else Ranks(), lo, total, local)
+
+
+def test_global_batches_are_the_single_process_batches_split_by_rank():
+    single = _fit_data(0, 1, 11, False).batches(4, torch.Generator().manual_seed(5))
+    parts = [_fit_data(r, 3, 11, False).batches(4, torch.Generator().manual_seed(5)) for r in range(3)]
+    offsets = [Ranks(r, 3).split(11)[0] for r in range(3)]
+    for k, (rows, size) in enumerate(single):
+        assert [p[k][1] for p in parts] == [size] * 3  # every rank knows the global batch's size
+        held = sorted(int(i) + off for p, off in zip(parts, offsets) for i in p[k][0])  # local -> global rows
+        assert held == sorted(rows.tolist())
+
+
+def test_local_batches_are_balanced_and_cover_every_window_once():
+    parts = [_fit_data(r, 2, 11, True).batches(4, torch.Generator().manual_seed(5)) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 3  # the single-process step count
+    for r, p in enumerate(parts):
+        lo, hi = Ranks(r, 2).split(11)
+        assert sorted(int(i) for rows, _ in p for i in rows) == list(range(hi - lo))
+    for (a, size_a), (b, size_b) in zip(*parts):
+        assert size_a == size_b == len(a) + len(b) and abs(len(a) - len(b)) <= 1
+    again = _fit_data(0, 2, 11, True).batches(4, torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(again, parts[0]))  # seeded
 
 
 def test_mode_choice_and_refusals():

@@ -68,6 +68,8 @@ _HELP = {
     "gradient_checkpointing": "--recon retrain: recompute block activations (and LM-head chunks) in the backward pass to save memory",
     "parallel": "under torchrun: auto | data | block. data splits the calibration windows across ranks; block gives "
     "each rank its own blocks (only for units on dense inputs with local targets, e.g. --recon free-lunch); auto picks block where it can",
+    "dp_batches": "data-parallel gradient steps: global (the single-process run's batches: the same result up to the order "
+    "of sums) | local (each rank an even share of every step from its own windows: balanced ranks, another shuffle)",
     "dist_timeout": "under torchrun: minutes a rank waits for the others before the job ends with an error",
     "guard": "revert | warn | off: compare reconstruction with the masks-only weights on held-out windows "
     "(per window, and end to end by KL through the LM head); revert windows, or the whole run, that end worse",

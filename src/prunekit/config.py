@@ -335,6 +335,10 @@ class PruneConfig:
     # units are independent (dense inputs, local targets, one block per window), else data-parallel
     parallel: str = "auto"
     dist_timeout: float = 30.0  # minutes a collective may wait for the other ranks before the job ends
+    # data-parallel gradient steps: global = the single-process run's batches (same result up to the
+    # order of sums; a step waits for the rank that holds most of its windows) | local = each rank an
+    # even share of every step from its own windows (balanced; batches as another shuffle would draw)
+    dp_batches: str = "global"
 
     def validate(self) -> Sparsity:
         self.calib.validate()
@@ -348,6 +352,8 @@ class PruneConfig:
             raise PrunekitError(f"--checkpoint-every must be 0 or more minutes, not {self.checkpoint_every}")
         if self.parallel not in ("auto", "data", "block"):
             raise PrunekitError(f"unknown --parallel {self.parallel!r}; choose auto, data or block")
+        if self.dp_batches not in ("global", "local"):
+            raise PrunekitError(f"unknown --dp-batches {self.dp_batches!r}; choose global or local")
         if not self.dist_timeout > 0:
             raise PrunekitError(f"--dist-timeout must be a positive number of minutes, not {self.dist_timeout}")
         return self.sparsity.validate()

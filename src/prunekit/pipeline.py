@@ -212,6 +212,7 @@ class _Run:
     mode: str = "single"  # single | data (windows split across ranks) | block (blocks split across ranks)
     train_offset: int = 0  # data-parallel: global index of this rank's first training window
     train_total: int | None = None  # data-parallel: training windows over all ranks
+    local_batches: bool = False  # data-parallel: --dp-batches local
 
     @property
     def data_ranks(self) -> Ranks:
@@ -563,7 +564,7 @@ def _start(
         keep_dense=rc.trains or rc.measures or (rc.window > 1 and rc.recompute_masks),
         objective=Objective(rc.loss, rc.loss_skip, _readout(model, device) if rc.loss == "kd" and rc.trains else None),
         allocate=streams.empty, seed=config.calib.seed, store=store,
-        ranks=ranks, mode=mode, train_offset=train_offset, train_total=train_total,
+        ranks=ranks, mode=mode, train_offset=train_offset, train_total=train_total, local_batches=config.dp_batches == "local",
     )
     if mode == "block" and (checkpoint is not None or store.streamed):
         report.notes.append("block-parallel: windows are not checkpointed (each rank holds only its own blocks' "
@@ -691,7 +692,8 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
             targets = collect(dwin, state.dense_stream, dunit.output, run.all_rows, bs, run.allocate)
         else:
             targets = _apply(dunit.forward, inputs, bs, run.device, run.allocate)
-        data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device, ranks, run.train_offset, run.train_total)
+        data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device, ranks, run.train_offset, run.train_total,
+                       run.local_batches)
         record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective)
         state.report.units.append(record)
         if record.note:

@@ -314,6 +314,7 @@ class FitData:
     ranks: Ranks = field(default_factory=Ranks)  # data-parallel: this rank holds only some windows
     train_offset: int = 0  # data-parallel: global index of this rank's first training window
     train_total: int | None = None  # data-parallel: training windows over all ranks (default: this rank's)
+    local_batches: bool = False  # data-parallel: each rank draws its share of every batch from its own windows
 
     def measure(
         self, forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, objective: Objective | None = None,
@@ -334,6 +335,8 @@ class FitData:
         part it holds (possibly none) and the gradients are summed.
         """
         total = len(self.train_rows) if self.train_total is None else self.train_total
+        if self.ranks.active and self.local_batches:
+            return self._local_batches(batch_size, gen, total)
         order = torch.randperm(total, generator=gen)
         if not self.ranks.active:
             order = self.train_rows[order]
@@ -345,6 +348,23 @@ class FitData:
             mine = chunk[(chunk >= lo) & (chunk < hi)] - lo
             out.append((self.train_rows[mine], len(chunk)))
         return out
+
+    def _local_batches(self, batch_size: int, gen: torch.Generator, total: int) -> list[tuple[torch.Tensor, int]]:
+        """``--dp-batches local``: as many steps as the global batches give, each rank taking an even
+        share of every step from a shuffle of its own windows. Ranks stay balanced (a global batch
+        of 8 on 8 ranks is one window each, not up to three on one of them); the batches differ from
+        the single-process run's as another shuffle would."""
+        steps = math.ceil(total / batch_size)
+        seed = int(torch.randint(2**62, (1,), generator=gen))  # the same on every rank, new every epoch
+        mine = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(seed + self.ranks.rank))
+        counts = [Ranks(r, self.ranks.world).split(total) for r in range(self.ranks.world)]
+        counts = [hi - lo for lo, hi in counts]
+        n = len(self.train_rows)
+        return [
+            (self.train_rows[mine[n * k // steps : n * (k + 1) // steps]],
+             sum(c * (k + 1) // steps - c * k // steps for c in counts))
+            for k in range(steps)
+        ]
 
 
 def fit(
