@@ -20,6 +20,7 @@ from conftest import make_tiny_model, random_ids  # noqa: E402
 from prunekit import dist  # noqa: E402
 from prunekit.checkpoint import Checkpointer  # noqa: E402
 from prunekit.config import PruneConfig, set_leaf  # noqa: E402
+from prunekit.errors import PrunekitError  # noqa: E402
 from prunekit.pipeline import prune  # noqa: E402
 
 
@@ -45,11 +46,14 @@ def run_case(spec: dict, ranks: dist.Ranks) -> dict | None:
         if k == spec.get("stop_after"):
             raise Stop
 
+    config = {**spec["config"], **(spec.get("rank1_config", {}) if ranks.rank == 1 else {})}
     try:
-        model, report = prune(model, None, config_from(spec["config"]), calib_ids=ids, progress=False, ranks=ranks,
+        model, report = prune(model, None, config_from(config), calib_ids=ids, progress=False, ranks=ranks,
                               checkpoint=ckpt, on_window=on_window)
     except Stop:
         return None
+    except PrunekitError as e:
+        return {"error": str(e)}
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "units": [(u.unit, u.calib_before, u.calib_after, u.heldout_before, u.heldout_after, u.steps) for u in report.units],

@@ -41,6 +41,7 @@ CASES = {
     "wanda-br-gp-local": {"n": 14, "seqlen": 8, "config": {
         "method": "wanda", "recon": "br-gp", "epochs": 3, "lr": 1e-3, "recon_batch_size": 4, "batch_size": 4,
         "holdout": 0.2, "guard": "revert", "dp_batches": "local"}},
+    "differing": {"n": 14, "seqlen": 8, "config": {"method": "wanda", "recon": "lr"}, "rank1_config": {"sparsity": "0.6"}},
     "free-lunch": {"n": 14, "seqlen": 8, "layers": 4, "config": {
         "method": "wanda", "recon": "free-lunch", "epochs": 2, "lr": 1e-3, "recon_batch_size": 4, "batch_size": 4,
         "holdout": 0.2, "guard": "revert"}},
@@ -178,6 +179,10 @@ def test_local_batches_are_balanced_and_cover_every_window_once():
         assert size_a == size_b == len(a) + len(b) and abs(len(a) - len(b)) <= 1
     again = _fit_data(0, 2, 11, True).batches(4, torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(again, parts[0]))  # seeded
+
+
+def test_settings_that_differ_between_ranks_are_refused_at_start(two_ranks):
+    assert "the settings differ between ranks (rank 0 vs rank 1)" in two_ranks["differing"]["error"]
 
 
 def test_mode_choice_and_refusals():

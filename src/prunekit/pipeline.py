@@ -475,7 +475,10 @@ def _start(
     sparsity = config.validate()
     rc: ReconConfig = config.recon.validate()
     mode = choose_mode(config.parallel, rc.inputs, rc.targets, rc.window, rc.trains, ranks)
-    if ranks.active:
+    if ranks.active:  # every rank must run the same job on the same model: refused at start, not hours later
+        placement = ("device", "offload", "offload_dir", "checkpoint_every", "dist_timeout")
+        ranks.check_same(repr({k: v for k, v in asdict(config).items() if k not in placement}), "the settings")
+        ranks.check_same(weights_digest(model), "the model's weights")
         if rc.retrains:
             raise PrunekitError("--recon retrain runs on one process; start it without torchrun (or with --nproc-per-node 1)")
         if store.streamed:
