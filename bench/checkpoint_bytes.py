@@ -1,4 +1,4 @@
-"""Bytes a run's checkpoint writes, against the saved model's size (protocol checkpoint-bytes-v1).
+"""Bytes a run's checkpoint writes, against the saved model's size (protocol checkpoint-bytes-v2).
 
 Issue 12's target: checkpoint bytes per run of the default model at 128 x 1024 tokens at most 2x the
 saved model's size. Each configuration is one `prunekit prune` of the float32 copy of the default
@@ -6,10 +6,11 @@ model (bench/work/smollm2-135m-f32, made by bench/recon_grid.py), C4 calibration
 evaluation, default `--checkpoint-every 10`; the run's own `checkpoint_bytes` (metrics.json) is
 compared with its saved `model.safetensors`. What the checkpoint writes: every block once when final
 (plus its masks-only copy with the guard), the blocks the next window still changes and their masks
-after every window, and the two activation streams at most every 10 minutes, so the figure depends
+after every window, and the two activation streams when a resume would spend 10 minutes or more replaying them
+(checkpoint-bytes-v2; v1 wrote them every 10 minutes of wall time), so the figure depends
 on how long the run takes on the machine (said in the table).
 
-    python bench/checkpoint_bytes.py [NAME:NSAMPLES:SEQLEN:RECON ...]   # bench/results/checkpoint-bytes/checkpoint-bytes-v1.json
+    python bench/checkpoint_bytes.py [NAME:NSAMPLES:SEQLEN:RECON ...]   # bench/results/checkpoint-bytes/checkpoint-bytes-v2.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "results" / "checkpoint-bytes"
-PROTOCOL = "checkpoint-bytes-v1"
+PROTOCOL = "checkpoint-bytes-v2"  # v1: streams every 10 min of wall time; v2: when their replay would take 10 min
 DEFAULT = ["wanda-lr-128x1024:128:1024:lr", "wanda-br-gp-16x128:16:128:br-gp", "wanda-br-gp-cr-16x128:16:128:br-gp-cr"]
 
 

@@ -107,6 +107,20 @@ def test_checkpoint_writes_each_block_once_and_counts_its_bytes(tmp_path):
         [f"{j}.safetensors" for j in range(4)] + [f"{j}.lr.safetensors" for j in range(4)])
 
 
+def test_streams_are_saved_when_their_replay_would_take_longer_than_checkpoint_every(tmp_path):
+    """The bound is on replay (pushing the streams through the blocks finished since the last save),
+    not on wall time: after window 0 nothing would need replaying, so no streams are written even
+    though time has passed; from window 1 on, one block's pushes exceed a tiny interval."""
+    cfg = _cfg("br-gp", "wanda")
+    cfg.checkpoint_every = 1e-9  # minutes
+    ckpt = Checkpointer(tmp_path, "x")
+    saved = []
+    prunekit.prune(make_tiny_model("llama", layers=3), None, cfg, calib_ids=CALIB, progress=False, checkpoint=ckpt,
+                   on_window=lambda k: saved.append(Checkpointer(tmp_path, "x").load()["streams"]))
+    assert saved[0] is None
+    assert saved[1] is not None and saved[1]["pos"] == 1 and saved[2]["pos"] == 2
+
+
 def test_a_resumed_run_whose_guard_reverts_the_whole_run_ends_the_same(tmp_path, monkeypatch):
     """The end-to-end revert needs every block's masks-only weights, also those saved before the stop."""
     import prunekit.pipeline as pipeline

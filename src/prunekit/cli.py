@@ -61,8 +61,8 @@ _HELP = {
     "weights": "auto | memory | stream: load the whole model into RAM, or read each block from a local safetensors "
     "directory when needed and write it to the output when final (auto: stream when the model would not fit in RAM)",
     "max_shard_size": "shard size of a model written while streaming, e.g. 5GB or 500MB",
-    "checkpoint_every": "minutes between checkpoints of the activation streams (0: after every window); "
-    "finished blocks are checkpointed at once",
+    "checkpoint_every": "the activation streams are checkpointed when replaying them through the blocks finished since "
+    "(what a resume does) would take this many minutes (0: after every window); finished blocks are checkpointed at once",
     "stream_dtype": "float32 | bfloat16: how activation streams are stored (bfloat16 halves their memory and I/O)",
     "retrain_loss": "--recon retrain: lm (next-token loss on the calibration windows) | kd (KL to the dense model through the LM head)",
     "gradient_checkpointing": "--recon retrain: recompute block activations (and LM-head chunks) in the backward pass to save memory",

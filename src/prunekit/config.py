@@ -324,7 +324,7 @@ class PruneConfig:
     device: str = "auto"
     offload: str = "auto"  # activation streams: ram | disk (memory-mapped) | auto (disk when RAM is short)
     offload_dir: str | None = None  # where memory-mapped streams go (default: the system temp dir)
-    checkpoint_every: float = 10.0  # minutes between checkpoints of the activation streams (0: every window); finished blocks are checkpointed at once
+    checkpoint_every: float = 10.0  # the streams are checkpointed when a resume would replay them this many minutes (0: every window); finished blocks at once
     # forward/backward passes of blocks and units: auto | fp32 | tf32 | bf16 (prunekit.precision);
     # auto = bf16 on a CUDA GPU that supports it, fp32 on a CPU (where tf32 is fp32 too)
     precision: str = "auto"

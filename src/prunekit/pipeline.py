@@ -271,19 +271,23 @@ class RunState:
     lr_next: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     recon_s: float = 0.0
     keep_masks: bool = False  # keep every block's masks to the end (end-to-end retraining needs them)
-    streams_saved_at: float = field(default_factory=time.perf_counter)  # when streams were last checkpointed
+    # seconds that pushing the streams through the blocks finished since they were last checkpointed
+    # took: what a resume would spend replaying them (see save)
+    replay_s: float = 0.0
 
     def save(self, checkpoint: Checkpointer, k: int, store: InMemoryBlocks | StreamedBlocks, idx: list[int],
              next_lo: int, every_s: float | None) -> None:
         """Record that window ``k`` (blocks ``idx``) is finished; blocks below ``next_lo`` are final.
 
         Final blocks are written once: into the checkpoint, or, streaming, into the output shards
-        (``store.persist``). The streams are written only when ``every_s`` seconds have passed since
-        they last were (0: after every window; None: never, as in a data-parallel run, where each
-        rank holds its own windows): a resumed run replays them through the finished blocks.
+        (``store.persist``). A resumed run replays the last saved streams through the blocks
+        finished since, so the streams are written only when that replay would take ``every_s``
+        seconds or more (measured: the time those pushes took; 0: after every window; None: never,
+        as in a data-parallel run, where each rank holds its own windows). A resume then never
+        replays longer than ``every_s``, as when streams were saved every ``every_s`` of wall time,
+        but a run whose windows are mostly reconstruction, or masks, writes them far less often.
         """
-        now = time.perf_counter()
-        with_streams = every_s is not None and now - self.streams_saved_at >= every_s
+        with_streams = every_s is not None and self.replay_s >= every_s
         guard = self.guard
         final = [j for j in idx if j < next_lo]
         elsewhere = [j for j in final if store.persist(j)]
@@ -303,7 +307,7 @@ class RunState:
             final_masks={j: self.masks[j] for j in final if j in self.masks} if self.keep_masks else None,
         )
         if with_streams:
-            self.streams_saved_at = time.perf_counter()
+            self.replay_s = 0.0
         self.window = k + 1
 
     def restore(self, checkpoint: Checkpointer, store: InMemoryBlocks | StreamedBlocks, keep_dense: bool,
@@ -323,6 +327,7 @@ class RunState:
         if independent:  # the sparse stream passes masks-only weights (see _Run.independent)
             self.lr_next = {j: checkpoint.block_state(j, "lr") for j in state["final_lr"]}
         saved = state["streams"]
+        t_replay = time.perf_counter()
         start = 0
         if saved is not None:
             start = saved["pos"]
@@ -364,7 +369,7 @@ class RunState:
             self.lr_states = {j: checkpoint.block_state(j, "lr") for j in state["final_lr"]}
             self.guard.windows = list(saved_report.get("guard_windows", []))
             self.guard.seconds += saved_report.get("guard_s", 0.0)
-        self.streams_saved_at = time.perf_counter()
+        self.replay_s = time.perf_counter() - t_replay  # a second interruption would replay as much again
         return True
 
 
@@ -605,6 +610,7 @@ def _advance(run: _Run, state: RunState, lo: int) -> None:
     """Phase 1: push the streams to the window's first block; blocks before it are final."""
     while state.pos < lo:
         j = state.pos
+        t = time.perf_counter()
         lr = state.lr_next.pop(j, None)
         if state.sparse is not None and lr is not None:  # independent units: the masks-only weights (see _Run.independent)
             final = snapshot(run.blocks[j])
@@ -615,6 +621,7 @@ def _advance(run: _Run, state: RunState, lo: int) -> None:
             _push(run.blocks[j], j, run.captured, state.sparse, run.device)
         if state.dense_stream is not None:
             _push(state.dense[j], j, run.captured, state.dense_stream, run.device)
+        state.replay_s += time.perf_counter() - t
         state.dense.pop(j, None)
         if not state.keep_masks:
             state.masks.pop(j, None)
