@@ -704,7 +704,11 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
             targets = _apply(dunit.forward, inputs, bs, run.device, run.allocate)
         data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device, ranks, run.train_offset, run.train_total,
                        run.local_batches)
-        record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective)
+        held = snap if guard is not None else state.lr_next if run.independent else None
+        restore_before = None
+        if held is not None and [id(m) for m in unit.modules] == [id(b) for b in win.blocks]:  # the unit is the window
+            restore_before = lambda held=held: [restore(run.blocks[j], held[j]) for j in idx]  # noqa: E731
+        record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective, restore_before)
         state.report.units.append(record)
         if record.note:
             state.report.notes.append(record.note)

@@ -16,7 +16,6 @@ after training.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -374,6 +373,7 @@ def fit(
     cfg: ReconConfig,
     seed: int,
     objective: Objective | None = None,
+    restore_before: Callable[[], None] | None = None,
 ) -> UnitRecord:
     """Adapt the unit's kept weights so ``unit(data.inputs) ≈ data.targets``; masks stay fixed.
 
@@ -385,6 +385,10 @@ def fit(
     Training and measurements run in the run's precision (:mod:`prunekit.precision`): with bf16 the
     forward passes are autocast while the weights being trained, the loss and AdamW's state stay
     float32, so a masked weight's gradient is still exactly zero and masks stay exact.
+
+    The weights from before are kept as a CPU copy (never in device memory), or not at all when the
+    caller gives ``restore_before``, which puts them back from a copy it holds anyway (the guard's
+    snapshot of the window, when the unit is the whole window).
     """
     objective = objective or Objective("mse")
     m = lambda rows, score=True: data.measure(unit.forward, rows, objective, score)  # noqa: E731
@@ -399,7 +403,9 @@ def fit(
         record.keep_before()
         return record
     crit_before = held0.criterion(objective) if held0 else None
-    before = {id(mod): copy.deepcopy(mod.state_dict()) for mod in unit.modules}
+    before = None if restore_before is not None else {
+        id(mod): {k: v.detach().to("cpu", copy=True) for k, v in mod.state_dict().items()} for mod in unit.modules
+    }
     t0 = time.perf_counter()
     diverged = False
 
@@ -420,8 +426,12 @@ def fit(
     crit_after = held1.criterion(objective) if held1 else None
     worse = crit_after is not None and crit_before is not None and not crit_after <= crit_before
     if diverged or worse or not math.isfinite(record.calib_after):
-        for mod in unit.modules:
-            mod.load_state_dict(before[id(mod)])
+        if before is None:
+            restore_before()  # type: ignore[misc]
+        else:
+            with torch.no_grad():
+                for mod in unit.modules:
+                    mod.load_state_dict(before[id(mod)])
         why = "the loss became NaN or inf" if diverged or not math.isfinite(record.calib_after) else (
             f"the held-out {objective.kind} criterion rose from {crit_before:.4g} to {crit_after:.4g}"
         )
