@@ -38,6 +38,8 @@ class Stop(Exception):
 def run_case(spec: dict, ranks: dist.Ranks) -> dict | None:
     """``spec["checkpoint"]``: a checkpoint directory (rank 0 writes it, the others read it on resume);
     ``spec["stop_after"]``: every rank stops after that window, as an interrupted job would."""
+    if spec.get("stream"):
+        return run_streamed(spec, ranks)
     model = make_tiny_model(spec.get("family", "llama"), seed=0, layers=spec.get("layers", 3))
     ids = random_ids(spec["n"], spec["seqlen"], seed=1)
     ckpt = Checkpointer(spec["checkpoint"], "x", ranks.world) if spec.get("checkpoint") else None
@@ -56,6 +58,32 @@ def run_case(spec: dict, ranks: dist.Ranks) -> dict | None:
         return {"error": str(e)}
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "units": [(u.unit, u.calib_before, u.calib_after, u.heldout_before, u.heldout_after, u.steps) for u in report.units],
+        "guard": None if report.guard is None else report.guard.to_dict(),
+    }
+
+
+def run_streamed(spec: dict, ranks: dist.Ranks) -> dict:
+    """``spec["stream"]``: {"src", "out", "lr"}: weights streamed from the shards in src; rank 0 writes out
+    (and the masks-only copies to lr), the other ranks read what it committed, as run.py sets it up."""
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.blockstore import StreamedBlocks
+    from prunekit.shards import ShardWriter, StreamedModel
+
+    paths = spec["stream"]
+    sm = StreamedModel(paths["src"], attn_implementation="eager")
+    writer = ShardWriter(paths["out"], max_shard_size="20KB", in_place=True) if ranks.main else None
+    store = StreamedBlocks(sm, writer, lr_dir=paths["lr"], output=paths["out"])
+    ids = random_ids(spec["n"], spec["seqlen"], seed=1)
+    _, report = prune(sm.model, None, config_from(spec["config"]), calib_ids=ids, progress=False, ranks=ranks, store=store)
+    if not ranks.main:
+        return {}
+    sm.model.config.use_cache = True
+    writer.finish(config=sm.model.config, copy_from=paths["src"], expected=sm.saved_names())
+    out = AutoModelForCausalLM.from_pretrained(paths["out"], attn_implementation="eager")
+    return {
+        "state": {k: v.clone() for k, v in out.state_dict().items()},
         "units": [(u.unit, u.calib_before, u.calib_after, u.heldout_before, u.heldout_after, u.steps) for u in report.units],
         "guard": None if report.guard is None else report.guard.to_dict(),
     }

@@ -185,6 +185,19 @@ def test_settings_that_differ_between_ranks_are_refused_at_start(two_ranks):
     assert "the settings differ between ranks (rank 0 vs rank 1)" in two_ranks["differing"]["error"]
 
 
+def test_streamed_data_parallel_run_is_the_in_memory_one(tmp_path, two_ranks):
+    """--weights stream on 2 ranks: each reads blocks from the shards, rank 0 writes the output and the
+    masks-only copies, the other reads what rank 0 committed for the guard's end-to-end walk."""
+    make_tiny_model("llama", seed=0, layers=3).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    paths = {"src": str(tmp_path / "src"), "out": str(tmp_path / "out"), "lr": str(tmp_path / "lr")}
+    got = _torchrun(tmp_path, {"run": {**CASES["wanda-br-gp"], "stream": paths}})["run"]
+    ref = two_ranks["wanda-br-gp"]
+    for k, v in ref["state"].items():
+        assert torch.equal(got["state"][k], v), k
+    assert got["units"] == ref["units"]
+    assert got["guard"]["end_to_end"]["compared"] and got["guard"]["end_to_end"] == ref["guard"]["end_to_end"]
+
+
 def test_mode_choice_and_refusals():
     two = Ranks(0, 2, 0, "gloo")
     assert choose_mode("auto", "dense", "local", 1, True, two) == "block"

@@ -76,7 +76,7 @@ def test_streamed_guard_reverts_the_whole_run_like_the_in_memory_one(tmp_path, m
             pipeline.restore(blocks[j], state)
         g.conclude(None, None, True, "forced by the test")
 
-    def forced_streamed(store, e2e, g, mode, device):
+    def forced_streamed(store, e2e, g, mode, device, ranks=None):
         store.revert = True
         g.conclude(None, None, True, "forced by the test")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .checkpoint import Checkpointer
 from .families import Readout, discover
-from .shards import ShardWriter, StreamedModel
+from .shards import ShardReader, ShardWriter, StreamedModel
 
 
 class InMemoryBlocks:
@@ -88,14 +88,23 @@ class StreamedBlocks:
 
     streamed = True
 
-    def __init__(self, model: StreamedModel, writer: ShardWriter, lr_dir: str | Path | None = None,
-                 resume: bool = False) -> None:
+    def __init__(self, model: StreamedModel, writer: ShardWriter | None, lr_dir: str | Path | None = None,
+                 resume: bool = False, output: str | Path | None = None) -> None:
         """``lr_dir``: where the masks-only weights of finished blocks go (shards), for the guard's
-        end-to-end check; without it the check is not made."""
+        end-to-end check; without it the check is not made.
+
+        Without a ``writer`` the store *follows* (a data-parallel rank other than 0, prunekit.dist):
+        it reads blocks as rank 0 does, writes nothing, and reads what rank 0 committed to
+        ``output`` (and ``lr_dir``) when it needs the written blocks.
+        """
         self.sm = model
         self.writer = writer
         self.blocks = model.layout.blocks
-        self.lr_writer = ShardWriter(lr_dir, writer.max_shard_size, in_place=True, resume=resume) if lr_dir else None
+        self.keeps_lr = lr_dir is not None  # the guard's end-to-end check can be made
+        self.lr_dir = Path(lr_dir) if lr_dir else None
+        self.output = Path(output) if output else None
+        self.lr_writer = (ShardWriter(lr_dir, writer.max_shard_size, in_place=True, resume=resume)
+                          if lr_dir and writer is not None else None)
         self._lr: dict[int, dict[str, torch.Tensor]] = {}  # masks-only weights of live blocks
         self.revert = False  # set by the guard: the output gets the masks-only weights
         self._live: set[int] = set()  # materialised blocks
@@ -130,6 +139,9 @@ class StreamedBlocks:
     def _write(self, j: int) -> None:
         if j in self.written:
             return
+        if self.writer is None:  # following: rank 0 writes it
+            self.written.add(j)
+            return
         state = self.sm.save_state(j)
         if not set(state) <= self.writer.names:  # else a rerun window made it again, bit for bit: written already
             self.writer.add(state)
@@ -149,14 +161,24 @@ class StreamedBlocks:
         """Final block ``j`` goes to the output shards now (the output is the checkpoint of finished
         blocks), and stays in memory until the streams have passed it."""
         self._write(j)
-        self.writer.commit()
+        self.commit()
+        return True
+
+    def commit(self) -> None:
+        """Make what was written durable (and readable by the other ranks)."""
+        if self.writer is not None:
+            self.writer.commit()
         if self.lr_writer is not None:
             self.lr_writer.commit()
-        return True
+
+    def _written(self, lr: bool = False) -> ShardWriter | ShardReader:
+        if self.writer is not None:
+            return self.lr_writer if lr else self.writer  # type: ignore[return-value]
+        return ShardReader(self.lr_dir if lr else self.output)  # type: ignore[arg-type]
 
     def final_state(self, j: int, checkpoint: Checkpointer) -> dict[str, torch.Tensor]:
         names = self.sm.saved_names_of(j)
-        saved = self.writer.read(names.values())
+        saved = self._written().read(names.values())
         return {local: saved[name] for local, name in names.items()}
 
     def resumed(self, written: list[int]) -> None:
@@ -182,7 +204,7 @@ class StreamedBlocks:
 
     def written_source(self, device: torch.device, lr: bool = False) -> "ShardWeights":
         """The blocks as written (``lr``: their masks-only weights) as a source for a block-by-block walk."""
-        return ShardWeights(self._skeleton(), device, self.lr_writer if lr else self.writer)
+        return ShardWeights(self._skeleton(), device, self._written(lr))
 
     def dense_source(self, device: torch.device) -> "ShardWeights":
         """The original model, read from the input shards, as a source for a block-by-block walk."""
@@ -199,6 +221,8 @@ class StreamedBlocks:
         """
         for j in sorted(self._live):
             self.finish(j)
+        if self.writer is None:  # following: rank 0 writes the output
+            return
         if self.revert and self.lr_writer is not None:  # the same writer, emptied (its owner finishes it)
             self.writer.restart()
             for j in range(self.sm.num_blocks):
@@ -221,7 +245,7 @@ class ShardWeights:
     the skeleton's own shards (a run's output before it is finished).
     """
 
-    def __init__(self, model: StreamedModel, device: torch.device | str, blocks_from: ShardWriter | None = None) -> None:
+    def __init__(self, model: StreamedModel, device: torch.device | str, blocks_from: ShardWriter | ShardReader | None = None) -> None:
         self.sm = model
         self.device = torch.device(device)
         self.blocks_from = blocks_from

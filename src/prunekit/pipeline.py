@@ -117,6 +117,7 @@ class PruneReport:
     owl: OwlResult | None = None  # OWL's outlier ratios and block sparsities
     checkpoint_bytes: int = 0  # bytes the run's checkpoint wrote (across resumes)
     retrain: RetrainRecord | None = None  # end-to-end retraining after the layer-wise pass (--recon retrain)
+    parallel: str = "single"  # single | data | block: how the ranks of a torchrun job shared the work (prunekit.dist)
 
     def error_summary(self) -> dict[str, float | None]:
         """Mean normalised error over units, before and after reconstruction, calibration and held-out."""
@@ -435,7 +436,7 @@ def prune(
     streams.close()
     if run.mode == "block":
         _gather_blocks(run, state)
-    if ranks.active:  # every rank must end with the same model: a cheap fingerprint of the weights, compared
+    if ranks.active and not run.store.streamed:  # every rank must end with the same model: a cheap fingerprint, compared
         ranks.check_same(weights_digest(run.blocks), "the pruned weights")
     if run.retrain is not None:  # the whole pruned model trained end to end, masks fixed (prunekit.retrain)
         t = time.perf_counter()
@@ -450,7 +451,7 @@ def prune(
         if e2e is None:
             state.guard.conclude(None, None, False, "the masks-only weights of the streamed blocks were not kept")
         elif run.store.streamed:
-            _end_to_end_streamed(run.store, e2e, state.guard, rc.guard, run.device)
+            _end_to_end_streamed(run.store, e2e, state.guard, rc.guard, run.device, run.data_ranks)
         else:
             _end_to_end(model, run.blocks, state.lr_states, e2e, state.guard, rc.guard)
         state.guard.seconds += time.perf_counter() - t
@@ -483,11 +484,18 @@ def _start(
     if ranks.active:  # every rank must run the same job on the same model: refused at start, not hours later
         placement = ("device", "offload", "offload_dir", "checkpoint_every", "dist_timeout")
         ranks.check_same(repr({k: v for k, v in asdict(config).items() if k not in placement}), "the settings")
-        ranks.check_same(weights_digest(model), "the model's weights")
+        if store.streamed:  # the skeleton has no weights yet: the files they come from
+            files = sorted((p.name, p.stat().st_size) for p in store.sm.checkpoint.files)
+            ranks.check_same(repr(files), "the model's files")
+        else:
+            ranks.check_same(weights_digest(model), "the model's weights")
         if rc.retrains:
             raise PrunekitError("--recon retrain runs on one process; start it without torchrun (or with --nproc-per-node 1)")
-        if store.streamed:
-            raise PrunekitError("weights streamed from disk run on one process for now; use --weights memory under torchrun")
+        if store.streamed and mode == "block":  # blocks are written when final: all of them reconstructed by now
+            if config.parallel == "block":
+                raise PrunekitError("--parallel block writes the blocks only at the end; with --weights stream use --parallel data")
+            mode = "data"
+        log.info("%d ranks (%s), %s-parallel", ranks.world, ranks.backend, mode)
     device = resolve_device(config.device)
     layout = discover(model)
     settings = config.sparsity
@@ -501,6 +509,7 @@ def _start(
         nsamples=config.calib.nsamples,
         seqlen=config.calib.seqlen,
         recon={k: v for k, v in vars(rc).items()},
+        parallel=mode,
     )
     model.eval()
     if rc.retrains and store.streamed:
@@ -547,7 +556,7 @@ def _start(
     guarded = rc.trains and rc.guard != "off" and n_held > 0
     if rc.trains and rc.guard != "off" and n_held == 0:
         report.notes.append("the reconstruction guard is off: it needs held-out calibration windows (--holdout > 0)")
-    if guarded and store.streamed and getattr(store, "lr_writer", None) is None:
+    if guarded and store.streamed and not store.keeps_lr:
         report.notes.append(
             "weights streamed from disk: the guard judged each window on held-out windows; its end-to-end check "
             "(which needs the whole model's masks-only weights) did not run"
@@ -591,12 +600,12 @@ def _start(
         report.owl = OwlResult(settings.owl_m, settings.owl_lambda, ratios, fractions)
         report.timing["owl_s"] = time.perf_counter() - t
     e2e = None
-    if guarded and (not store.streamed or store.lr_writer is not None):
+    if guarded and (not store.streamed or store.keeps_lr):
         # the dense reference, before any block changes (on resume, the model is still the original)
         t = time.perf_counter()
         if store.streamed:  # read block by block from the input shards
             source = store.dense_source(device)
-            e2e = EndToEnd(source.sm.model, calib_ids[run.held_rows], bs, device, source)
+            e2e = EndToEnd(source.sm.model, calib_ids[run.held_rows], bs, device, source, run.data_ranks)
         else:
             e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device, ranks=run.data_ranks)
         state.guard.seconds += time.perf_counter() - t
@@ -807,8 +816,12 @@ def _end_to_end(
     guard.conclude(final, lr, worse and mode == "revert", None)
 
 
-def _end_to_end_streamed(store: StreamedBlocks, e2e: EndToEnd, guard: GuardReport, mode: str, device: torch.device) -> None:
-    """:func:`_end_to_end` for a streamed run: both models walked block by block from what was written."""
+def _end_to_end_streamed(store: StreamedBlocks, e2e: EndToEnd, guard: GuardReport, mode: str, device: torch.device,
+                         ranks: Ranks = Ranks()) -> None:
+    """:func:`_end_to_end` for a streamed run: both models walked block by block from what was written
+    (the other ranks of a data-parallel run read what rank 0 committed)."""
+    store.commit()
+    ranks.barrier()
     final_src = store.written_source(device)
     final = e2e.measure(final_src.sm.model, final_src)
     lr_src = store.written_source(device, lr=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -353,14 +354,10 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
         cfg.prune.device = dist.device_for(ranks, cfg.prune.device)
     device = resolve_device(cfg.prune.device)  # an unavailable device is refused before any work
     mode = precision.resolve(cfg.prune.precision, device)  # what --precision means here (auto resolved)
-    if ranks.active and streamed_source(cfg.model.model, cfg.model.weights, cfg.model.dtype) is not None:
-        raise PrunekitError("weights streamed from disk run on one process for now; use --weights memory under torchrun")
     if ranks.active:
         ranks.check_same(settings_fingerprint(cfg, mode) + repr((cfg.out, resume)), "the settings")
         if not ranks.main:
             return _follow(cfg, resume, ranks, mode)
-        log.info("%d ranks (%s), %s-parallel", ranks.world, ranks.backend, dist.choose_mode(
-            cfg.prune.parallel, *(lambda r: (r.inputs, r.targets, r.window, r.trains))(cfg.prune.recon.resolved()), ranks))
     if cfg.prune.offload_dir:
         probe_writable(Path(cfg.prune.offload_dir).expanduser(), "--offload-dir")
     t0 = time.perf_counter()
@@ -434,8 +431,7 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
             "precision_setting": cfg.prune.precision,
             "stream_dtype": cfg.prune.stream_dtype,
             "ranks": ranks.world,
-            "parallel": dist.choose_mode(cfg.prune.parallel, report.recon["inputs"], report.recon["targets"],
-                                         report.recon["window"], cfg.prune.recon.resolved().trains, ranks),
+            "parallel": report.parallel,
         }
         metrics: dict[str, Any] = {
             "settings": settings,
@@ -508,12 +504,22 @@ def _follow(cfg: RunConfig, resume: bool, ranks: dist.Ranks, mode: str) -> dict[
     """A rank other than 0: prune with the others, write nothing (rank 0 writes the run directory,
     its checkpoint, logs and progress bars); on resume, read rank 0's checkpoint."""
     logging.getLogger("prunekit").setLevel(logging.WARNING)
-    checkpoint = None
-    if resume and cfg.out:
-        checkpoint = Checkpointer(RunDir.partial_of(cfg.out) / "checkpoint", settings_fingerprint(cfg, mode), ranks.world)
-    model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
+    os.environ["TQDM_DISABLE"] = "1"  # progress bars are rank 0's (tqdm reads this when a bar is made)
+    checkpoint = store = None
+    partial = RunDir.partial_of(cfg.out) if cfg.out else None
+    if resume and partial is not None:
+        checkpoint = Checkpointer(partial / "checkpoint", settings_fingerprint(cfg, mode), ranks.world)
+    stream_dir = streamed_source(cfg.model.model, cfg.model.weights, cfg.model.dtype)
+    if stream_dir is not None:  # read blocks as rank 0 does; what rank 0 wrote is read from its partial output
+        if partial is None:
+            raise PrunekitError("a model streamed from disk is written block by block as it is pruned: give --out")
+        sm = StreamedModel(stream_dir, _DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)
+        model, tokenizer = sm.model, None
+        store = StreamedBlocks(sm, None, lr_dir=partial / "checkpoint" / "lr", output=partial)
+    else:
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     with dist.failures(ranks):
-        prune(model, tokenizer, cfg.prune, progress=False, checkpoint=checkpoint, ranks=ranks)
+        prune(model, tokenizer, cfg.prune, progress=False, checkpoint=checkpoint, store=store, ranks=ranks)
     dist.shutdown(ranks)
     return {"rank": ranks.rank}
 

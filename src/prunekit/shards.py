@@ -667,6 +667,50 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def _committed_shards(directory: Path) -> list[_Shard]:
+    """The shards a :class:`ShardWriter` in ``directory`` last committed (its manifest)."""
+    manifest = directory / ShardWriter.MANIFEST
+    try:
+        state = json.loads(manifest.read_text(encoding="utf-8"))
+        return [
+            _Shard(directory / s["file"], int(s["reserve"]), dict(s["entries"]), int(s["size"]), int(s["header"]), bool(s["closed"]))
+            for s in state["shards"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PrunekitError(f"{manifest} is damaged or missing ({type(e).__name__}); start the run again without --resume") from None
+
+
+def _read_entries(shards: list[_Shard], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    where = {name: shard for shard in shards for name in shard.entries}
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        shard = where[name]
+        entry = shard.entries[name]
+        start, end = entry["data_offsets"]
+        with open(shard.path, "rb") as f:
+            f.seek(8 + shard.reserve + start)
+            data = bytearray(f.read(end - start))
+        if len(data) != end - start:
+            raise PrunekitError(f"{shard.path} is shorter than written; start the run again without --resume")
+        dtype = _ST_DTYPES[entry["dtype"]]
+        out[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
+    return out
+
+
+class ShardReader:
+    """What another process's :class:`ShardWriter` in ``directory`` has committed, read only.
+
+    The ranks of a data-parallel run other than 0 read the blocks rank 0 wrote (to resume, and for
+    the guard's end-to-end check) this way; rank 0 commits before they read.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return _read_entries(_committed_shards(self.directory), names)
+
+
 @dataclass
 class _Shard:
     path: Path
@@ -788,20 +832,7 @@ class ShardWriter:
         replays its streams through blocks that are already in the output)."""
         if self._file is not None:
             self._file.flush()
-        where = {name: shard for shard in self._shards for name in shard.entries}
-        out: dict[str, torch.Tensor] = {}
-        for name in names:
-            shard = where[name]
-            entry = shard.entries[name]
-            start, end = entry["data_offsets"]
-            with open(shard.path, "rb") as f:
-                f.seek(8 + shard.reserve + start)
-                data = bytearray(f.read(end - start))
-            if len(data) != end - start:
-                raise PrunekitError(f"{shard.path} is shorter than written; start the run again without --resume")
-            dtype = _ST_DTYPES[entry["dtype"]]
-            out[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
-        return out
+        return _read_entries(self._shards, names)
 
     # -- durability and resume
 
@@ -827,14 +858,7 @@ class ShardWriter:
         os.replace(tmp, path)
 
     def _restore(self, manifest: Path) -> None:
-        try:
-            state = json.loads(manifest.read_text(encoding="utf-8"))
-            shards = [
-                _Shard(self.staging / s["file"], int(s["reserve"]), dict(s["entries"]), int(s["size"]), int(s["header"]), bool(s["closed"]))
-                for s in state["shards"]
-            ]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PrunekitError(f"{manifest} is damaged ({type(e).__name__}); start the run again without --resume") from None
+        shards = _committed_shards(self.staging)
         for s in shards:
             if Path(s.path.name).name != s.path.name or not s.path.is_file() or s.path.stat().st_size < 8 + s.reserve + s.size:
                 raise PrunekitError(f"{s.path} is missing or shorter than checkpointed; start the run again without --resume")
