@@ -71,12 +71,22 @@ def run_streamed(spec: dict, ranks: dist.Ranks) -> dict:
     from prunekit.blockstore import StreamedBlocks
     from prunekit.shards import ShardWriter, StreamedModel
 
-    paths = spec["stream"]
+    paths, resume = spec["stream"], bool(spec.get("resume"))
     sm = StreamedModel(paths["src"], attn_implementation="eager")
-    writer = ShardWriter(paths["out"], max_shard_size="20KB", in_place=True) if ranks.main else None
-    store = StreamedBlocks(sm, writer, lr_dir=paths["lr"], output=paths["out"])
+    writer = ShardWriter(paths["out"], max_shard_size="20KB", in_place=True, resume=resume) if ranks.main else None
+    store = StreamedBlocks(sm, writer, lr_dir=paths["lr"], output=paths["out"], resume=resume)
     ids = random_ids(spec["n"], spec["seqlen"], seed=1)
-    _, report = prune(sm.model, None, config_from(spec["config"]), calib_ids=ids, progress=False, ranks=ranks, store=store)
+    ckpt = Checkpointer(spec["checkpoint"], "x", ranks.world) if spec.get("checkpoint") else None
+
+    def on_window(k: int) -> None:
+        if k == spec.get("stop_after"):
+            raise Stop
+
+    try:
+        _, report = prune(sm.model, None, config_from(spec["config"]), calib_ids=ids, progress=False, ranks=ranks,
+                          store=store, checkpoint=ckpt, on_window=on_window)
+    except Stop:
+        return None
     if not ranks.main:
         return {}
     sm.model.config.use_cache = True

@@ -196,6 +196,13 @@ def test_streamed_data_parallel_run_is_the_in_memory_one(tmp_path, two_ranks):
         assert torch.equal(got["state"][k], v), k
     assert got["units"] == ref["units"]
     assert got["guard"]["end_to_end"]["compared"] and got["guard"]["end_to_end"] == ref["guard"]["end_to_end"]
+    # interrupted after window 1 and resumed: rank 1 reads the finished blocks from rank 0's committed output
+    spec = {**CASES["wanda-br-gp"], "stream": {k: v + "-2" for k, v in paths.items()}, "checkpoint": str(tmp_path / "ckpt")}
+    spec["stream"]["src"] = paths["src"]
+    assert _torchrun(tmp_path, {"run": {**spec, "stop_after": 1}})["run"] is None
+    resumed = _torchrun(tmp_path, {"run": {**spec, "resume": True}})["run"]
+    for k, v in ref["state"].items():
+        assert torch.equal(resumed["state"][k], v), k
 
 
 def test_mode_choice_and_refusals():
