@@ -13,15 +13,16 @@
 #   cp -r <files_at>/<machine>-<date> bench/results/gpu/
 #
 # It runs `bench/gpu.py --shape 7b --default-model` with a time budget of GPU_BENCH_BUDGET_S
-# seconds (default 270): configurations that would not fit are skipped and listed in the JSON,
+# seconds (default 240): configurations that would not fit are skipped and listed in the JSON,
 # results are written after every configuration, and a hard `timeout` ends the run 60 s after
 # the budget. Extra arguments go to gpu.py (e.g. `--configs wanda-brgp-bf16,wanda-brgp-fp32` for a
 # shorter rerun). On the machine it writes $OUT/<machine>-<date>/{gpu.json,gpu.md,gpu.log} and
-# $OUT/nvidia-smi.txt (the tool brings back at most 8 files, 2 folders down).
+# $OUT/nvidia-smi.txt (the tool brings back at most 8 files, 2 folders down), then issue 14's NCCL
+# check (bench/dist_device_check.py under torchrun with one process) into $OUT/dist_check.json.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
-BUDGET=${GPU_BENCH_BUDGET_S:-270}
+BUDGET=${GPU_BENCH_BUDGET_S:-240}
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
@@ -34,5 +35,8 @@ rc=$?
 dir=$(sed -n 's/^\[gpu-bench\] .* | out \(.*\)$/\1/p' "$LOG" | head -1)
 if [ -n "$dir" ] && [ -d "$dir" ]; then cp "$LOG" "$dir/gpu.log"; else cp "$LOG" "$OUT/gpu.log"; fi
 rm -f "$LOG"
+# issue 14: the NCCL path on one GPU (torchrun, world size 1): about 30 s; $OUT/dist_check.json
+timeout --signal=TERM --kill-after=10 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 \
+  bench/dist_device_check.py "$OUT" 2>&1 | tail -5
 echo "[gpu-device] exit $rc; results under $OUT"
 exit $rc
