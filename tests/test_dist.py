@@ -217,6 +217,23 @@ def test_mode_choice_and_refusals():
     assert Ranks(1, 3).split(2) == (1, 2) and Ranks(2, 3).split(2) == (2, 2)
 
 
+def test_torchrun_with_one_process_runs_the_distributed_path_to_the_same_model(tmp_path, model_dir, word_text):
+    """``torchrun --nproc-per-node 1`` joins a process group of one (how the NCCL path is checked on one
+    GPU) and gives the single-process model bit for bit."""
+    from safetensors.torch import load_file
+
+    args = ["-m", "prunekit", "prune", "--model", str(model_dir), "--calib", str(word_text), "--nsamples", "12",
+            "--seqlen", "16", "--recon", "br-gp", "--epochs", "2", "--eval", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", [sys.executable]), ("torchrun", [*TORCHRUN[:-1], "1"])):
+        proc = subprocess.run([*launcher, *args, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "torchrun" / "metrics.json").read_text())
+    assert metrics["distributed"]["ranks"] == 1 and metrics["distributed"]["all_reduce_calls"] > 0
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "torchrun" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job(tmp_path, model_dir, word_text):
     """SIGKILL one rank mid-run: the job ends within 60 s with an error, and no output is committed."""

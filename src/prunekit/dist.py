@@ -77,7 +77,9 @@ class Ranks:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """Part of a torchrun job (even of one process: ``--nproc-per-node 1`` runs the distributed
+        path with its backend, which is how the NCCL path is checked on one GPU)."""
+        return self.backend != "none"
 
     @property
     def main(self) -> bool:
@@ -190,13 +192,13 @@ class Ranks:
 
 def from_env() -> Ranks:
     """The ranks torchrun describes in the environment (world size 1 when not launched by it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
         return Ranks()
     try:
+        world = int(os.environ["WORLD_SIZE"])
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     except (KeyError, ValueError):
-        raise PrunekitError("WORLD_SIZE is set but RANK is not; start several processes with torchrun") from None
+        raise PrunekitError("WORLD_SIZE and RANK must both be set (as torchrun sets them); start the processes with torchrun") from None
     return Ranks(rank, world, local, "nccl" if torch.cuda.is_available() else "gloo")
 
 
