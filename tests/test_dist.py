@@ -8,6 +8,7 @@ tolerance (data-parallel sums its windows' statistics and gradients in another o
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -203,6 +204,22 @@ def test_streamed_data_parallel_run_is_the_in_memory_one(tmp_path, two_ranks):
     resumed = _torchrun(tmp_path, {"run": {**spec, "resume": True}})["run"]
     for k, v in ref["state"].items():
         assert torch.equal(resumed["state"][k], v), k
+
+
+@pytest.mark.parametrize(("total", "world", "batch"), [(16, 8, 4), (10, 4, 2), (11, 2, 4), (9, 3, 8)])
+def test_local_batches_spread_small_shares_over_the_steps(total, world, batch):
+    """Ranks holding fewer windows than there are steps take theirs on different steps: every step
+    is about one global batch (none empty), and each rank still uses each of its windows once."""
+    parts = [_fit_data(r, world, total, True).batches(batch, torch.Generator().manual_seed(3)) for r in range(world)]
+    steps = math.ceil(total / batch)
+    assert all(len({b[1] for b in step}) == 1 for step in zip(*parts))  # every rank knows the step's size
+    assert [p[0][1] for p in zip(*parts)] == [min(batch, total - k * batch) for k in range(steps)]  # the single-process sizes
+    for step in zip(*parts):
+        assert sum(len(rows) for rows, _ in step) == step[0][1]
+        assert max(len(rows) for rows, _ in step) <= math.ceil(step[0][1] / world) + 1  # an even share each
+    for r, p in enumerate(parts):
+        lo, hi = Ranks(r, world).split(total)
+        assert sorted(int(i) for rows, _ in p for i in rows) == list(range(hi - lo))
 
 
 def test_mode_choice_and_refusals():

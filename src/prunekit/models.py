@@ -182,12 +182,13 @@ def load_model(
     return model, tokenizer
 
 
-def streamed_source(name: str, weights: str, dtype: str) -> Path | None:
+def streamed_source(name: str, weights: str, dtype: str, copies: int = 1) -> Path | None:
     """The local safetensors directory to stream ``name``'s weights from, or None for the in-memory path.
 
     ``stream`` needs a local directory of safetensors (a GGUF file or a hub id is converted once:
     load it and ``save_pretrained``); ``auto`` streams such a directory when its weights would take
-    more than half of the available RAM (:func:`prunekit.shards.stream_weights`).
+    more than half of the available RAM (:func:`prunekit.shards.stream_weights`); ``copies``: processes
+    of this machine that would each load it (the ranks of a torchrun job on one node).
     """
     if weights == "memory":
         return None
@@ -207,7 +208,7 @@ def streamed_source(name: str, weights: str, dtype: str) -> Path | None:
     if not local or not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return None
     try:
-        return path if stream_weights(path, _DTYPES[dtype]) else None
+        return path if stream_weights(path, _DTYPES[dtype], share=0.5 / max(copies, 1)) else None
     except PrunekitError:  # damaged files: the loader reports them as it reports them for any model
         return None
 

@@ -410,6 +410,7 @@ def prune(
     plan = windows(len(run.blocks), rc.window, rc.stride)
     if checkpoint is not None and state.restore(checkpoint, run.store, run.keep_dense, run.captured, run.device, run.independent):
         log.info("resuming after window %d of %d", state.window, len(plan))
+    ranks.barrier()  # every rank has read the checkpoint before rank 0 writes the next window's
     desc = f"pruning ({config.sparsity.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
     bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=state.window)
     for k, (lo, hi) in enumerate(plan):
@@ -438,6 +439,7 @@ def prune(
         _gather_blocks(run, state)
     if ranks.active and not run.store.streamed:  # every rank must end with the same model: a cheap fingerprint, compared
         ranks.check_same(weights_digest(run.blocks), "the pruned weights")
+    ranks.barrier()  # the other ranks are done reading rank 0's output before it finishes it
     if run.retrain is not None:  # the whole pruned model trained end to end, masks fixed (prunekit.retrain)
         t = time.perf_counter()
         masks = {name: m for j in sorted(state.masks) for name, m in state.masks[j].items()}
@@ -712,7 +714,7 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         else:
             targets = _apply(dunit.forward, inputs, bs, run.device, run.allocate)
         data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device, ranks, run.train_offset, run.train_total,
-                       run.local_batches)
+                       run.local_batches, state.report.heldout_windows if ranks.active else None)
         held = snap if guard is not None else state.lr_next if run.independent else None
         restore_before = None
         if held is not None and [id(m) for m in unit.modules] == [id(b) for b in win.blocks]:  # the unit is the window
@@ -846,9 +848,14 @@ def _gather_blocks(run: _Run, state: RunState) -> None:
                 state.lr_states[j] = snapshot(run.blocks[j])
     for j in range(len(run.blocks)):
         owner = j % ranks.world
+        linears = run.layout.block_linears(j)
+        pruned = {n: weight_matrix(m) == 0 for n, m in linears.items()} if owner != ranks.rank else {}
         with torch.no_grad():
             for t in run.blocks[j].state_dict().values():
                 ranks.broadcast_(t, owner)
+        for n, zero in pruned.items():  # what this rank pruned (the same masks everywhere) must still be zero
+            if weight_matrix(linears[n])[zero].any():
+                raise PrunekitError(f"block {j} came back from rank {owner} with pruned weights of {n} that are not zero")
     parts = ranks.gather_objects({
         "units": state.report.units, "notes": state.report.notes,
         "guard": state.guard.windows if state.guard is not None else [],

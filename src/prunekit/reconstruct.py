@@ -314,6 +314,7 @@ class FitData:
     train_offset: int = 0  # data-parallel: global index of this rank's first training window
     train_total: int | None = None  # data-parallel: training windows over all ranks (default: this rank's)
     local_batches: bool = False  # data-parallel: each rank draws its share of every batch from its own windows
+    heldout_total: int | None = None  # data-parallel: held-out windows over all ranks
 
     def measure(
         self, forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, objective: Objective | None = None,
@@ -353,17 +354,26 @@ class FitData:
         share of every step from a shuffle of its own windows. Ranks stay balanced (a global batch
         of 8 on 8 ranks is one window each, not up to three on one of them); the batches differ from
         the single-process run's as another shuffle would."""
-        steps = math.ceil(total / batch_size)
+        world = self.ranks.world
         seed = int(torch.randint(2**62, (1,), generator=gen))  # the same on every rank, new every epoch
         mine = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(seed + self.ranks.rank))
-        counts = [Ranks(r, self.ranks.world).split(total) for r in range(self.ranks.world)]
-        counts = [hi - lo for lo, hi in counts]
-        n = len(self.train_rows)
-        return [
-            (self.train_rows[mine[n * k // steps : n * (k + 1) // steps]],
-             sum(c * (k + 1) // steps - c * k // steps for c in counts))
-            for k in range(steps)
-        ]
+        # the owners of the global sequence of windows, dealt round robin while each rank has some left:
+        # the single-process steps cut this sequence, so every step has the single-process size and
+        # each rank holds an even share of it
+        left = [hi - lo for lo, hi in (Ranks(r, world).split(total) for r in range(world))]
+        owners: list[int] = []
+        while len(owners) < total:
+            for r in range(world):
+                if left[r]:
+                    owners.append(r)
+                    left[r] -= 1
+        out, used = [], 0
+        for b in range(0, total, batch_size):
+            step = owners[b : b + batch_size]
+            share = step.count(self.ranks.rank)
+            out.append((self.train_rows[mine[used : used + share]], len(step)))
+            used += share
+        return out
 
 
 def fit(
@@ -579,7 +589,8 @@ def _adam(
             record.loss_curve.append(sum(losses) / len(losses))
             if len(heldout_rows):
                 h = criterion(heldout_rows)
-                record.flops += _unit_flops(unit, len(heldout_rows) * tokens) / 3  # forward only
+                held = len(heldout_rows) if data.heldout_total is None else data.heldout_total
+                record.flops += _unit_flops(unit, held * tokens) / 3  # forward only
                 record.heldout_curve.append(h)  # type: ignore[arg-type]
                 if best.update(h, epoch):  # type: ignore[arg-type]
                     break
