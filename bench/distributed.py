@@ -4,9 +4,10 @@ Protocol (protocol name ``cpu-dist-v1``; sized for a 2-core CPU):
 - the default model (SmolLM2-135M-Instruct, dequantized once to float32 safetensors by
   bench/recon_grid.py's ``dense_copy``), Wanda 50% unstructured, C4 calibration of 64 windows of
   256 tokens (seed 0; holdout 0.1, so 58 training and 6 held-out windows), batch 8;
-- three settings: ``wanda-lr`` (masks only), ``wanda-br-gp`` (BR+GP, 1 epoch, recon batch 8, lr 2e-4,
-  guard revert: data-parallel under torchrun) and ``free-lunch`` (attention/MLP units on dense inputs,
-  2 epochs, recon batch 8: block-parallel under torchrun);
+- four settings: ``wanda-lr`` (masks only), ``wanda-br-gp`` (BR+GP, 1 epoch, recon batch 8, lr 2e-4,
+  guard revert: data-parallel under torchrun), ``free-lunch`` (attention/MLP units on dense inputs,
+  2 epochs, recon batch 8: block-parallel under torchrun) and ``free-lunch-data`` (the same,
+  forced data-parallel with ``--parallel data``);
 - each run once as ``OMP_NUM_THREADS=2 prunekit prune ...`` and once as ``OMP_NUM_THREADS=1 torchrun
   --standalone --nproc-per-node 2 -m prunekit prune ...``, one after the other on an otherwise idle
   machine; WikiText-2 perplexity on 16 windows of 512 tokens, measured by rank 0 only;
@@ -49,6 +50,8 @@ SETTINGS = {
     "wanda-lr": ["--recon", "lr"],
     "wanda-br-gp": ["--recon", "br-gp", "--epochs", "1", "--recon-batch-size", "8", "--lr", "2e-4"],
     "free-lunch": ["--recon", "free-lunch", "--epochs", "2", "--recon-batch-size", "8", "--lr", "2e-4"],
+    # the same run data-parallel (what --parallel auto does not pick for it), to compare the two modes
+    "free-lunch-data": ["--recon", "free-lunch", "--epochs", "2", "--recon-batch-size", "8", "--lr", "2e-4", "--parallel", "data"],
 }
 
 
@@ -120,7 +123,7 @@ def mask_difference(a: Path, b: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings")
+    ap.add_argument("--only", default="wanda-lr,wanda-br-gp,free-lunch", help=f"comma-separated, of {', '.join(SETTINGS)}")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     a = ap.parse_args(argv)
     results_dir = HERE / "results" / PROTOCOL
