@@ -181,6 +181,15 @@ SOLVERS = ("adam", "lstsq")
 INPUTS = ("sparse", "dense")
 TARGETS = ("local", "global")
 GUARDS = ("revert", "warn", "off")
+PARALLEL = ("auto", "data", "block")  # under torchrun (prunekit.dist)
+DP_BATCHES = ("global", "local")
+
+
+def units_are_independent(inputs: str | None, targets: str | None, window: int | None, trains: bool) -> bool:
+    """Units read the dense model's inputs and fit local targets, one block per window: no block's
+    reconstruction changes another's data, so blocks can be reconstructed in any order, or on
+    different ranks (block-parallel, prunekit.dist)."""
+    return trains and inputs == "dense" and targets == "local" and window == 1
 
 # The papers' configurations by name (REFERENCE §3). `None` leaves the field as it is.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -309,6 +318,11 @@ class ReconConfig:
         return (bool(self.epochs) and not self.retrains) or self.solver == "lstsq"
 
     @property
+    def independent_units(self) -> bool:
+        """See :func:`units_are_independent` (on resolved settings)."""
+        return units_are_independent(self.inputs, self.targets, self.window, self.trains)
+
+    @property
     def measures(self) -> bool:
         return self.trains if self.measure_error is None else self.measure_error
 
@@ -350,9 +364,9 @@ class PruneConfig:
             raise PrunekitError(f"unknown offload {self.offload!r}; choose auto, ram or disk")
         if not self.checkpoint_every >= 0:
             raise PrunekitError(f"--checkpoint-every must be 0 or more minutes, not {self.checkpoint_every}")
-        if self.parallel not in ("auto", "data", "block"):
+        if self.parallel not in PARALLEL:
             raise PrunekitError(f"unknown --parallel {self.parallel!r}; choose auto, data or block")
-        if self.dp_batches not in ("global", "local"):
+        if self.dp_batches not in DP_BATCHES:
             raise PrunekitError(f"unknown --dp-batches {self.dp_batches!r}; choose global or local")
         if not self.dist_timeout > 0:
             raise PrunekitError(f"--dist-timeout must be a positive number of minutes, not {self.dist_timeout}")

@@ -73,12 +73,13 @@ class InputStats:
         rank reads the single-process statistics and chooses the same masks (:mod:`prunekit.dist`)."""
         if not ranks.active:
             return
-        self.tokens = round(ranks.sum_floats([float(self.tokens)])[0])
-        parts = [self._sq] if not self._hessian else []
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self._device)
+        parts = [tokens] + ([self._sq] if not self._hessian else [])
         parts += [acc for _key, acc in sorted(self._tile_xtx.items())]
         if self._xtx is not None:
             parts.append(self._xtx)
-        ranks.all_reduce_many_(parts)
+        ranks.all_reduce_many_(parts)  # one set of concurrent reductions
+        self.tokens = round(float(tokens))
 
     def _gram(self) -> torch.Tensor:
         """``X^T X``; the first read moves the tile sums into the full matrix and frees the tiles."""

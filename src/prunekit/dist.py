@@ -39,11 +39,11 @@ from typing import Any, Iterator
 
 import torch
 
+from .config import units_are_independent
 from .errors import PrunekitError
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "data", "block")
 DEFAULT_TIMEOUT_MIN = 30.0  # a collective that waits longer than this ends the job (a rank died or hangs)
 
 
@@ -287,10 +287,9 @@ def device_for(ranks: Ranks, setting: str) -> str:
 
 
 def choose_mode(setting: str, inputs: str, targets: str, window: int, trains: bool, ranks: Ranks) -> str:
-    """``data`` or ``block`` (see the module docstring); ``auto`` takes block-parallel where units are independent."""
-    independent = trains and inputs == "dense" and targets == "local" and window == 1
-    if setting not in MODES:
-        raise PrunekitError(f"unknown --parallel {setting!r}; choose auto, data or block")
+    """``data`` or ``block`` (see the module docstring) for a validated ``--parallel`` ``setting``;
+    ``auto`` takes block-parallel where units are independent (:func:`prunekit.config.units_are_independent`)."""
+    independent = units_are_independent(inputs, targets, window, trains)
     if setting == "block" and not independent:
         raise PrunekitError(
             "--parallel block needs units that read the dense model's inputs and fit local targets, one block per window "

@@ -23,8 +23,10 @@ the Rethinking paper). :func:`prune` is a short loop whose body reads as phases 
 Where blocks live is the store's business (:mod:`prunekit.blockstore`): in the model in RAM, or
 read from safetensors shards when first needed and written to the output when final. Granularity
 only changes what a unit is, never the loop. With no reconstruction (the papers' "LR" baseline)
-step 3 is skipped and no dense copy is made; magnitude needs no calibration pass at all. A
-distributed mode would plug in at these phases (windows or batches split across ranks).
+step 3 is skipped and no dense copy is made; magnitude needs no calibration pass at all. Under
+torchrun (:mod:`prunekit.dist`) the same phases run on every rank: data-parallel, each rank holds
+some of the windows and the sums over windows are summed over ranks; block-parallel, each rank
+reconstructs its own blocks and they are gathered after the loop.
 """
 
 from __future__ import annotations
@@ -222,11 +224,10 @@ class _Run:
 
     @property
     def independent(self) -> bool:
-        """Units read the dense model's inputs and fit local targets, one block per window: no block's
-        reconstruction changes another's data. The sparse stream (for the masks) then passes the
-        masks-only weights, so the masks are the layer-wise pass's and blocks can be reconstructed in
-        any order, or on different ranks (block-parallel)."""
-        return self.rc.trains and self.rc.inputs == "dense" and self.rc.targets == "local" and self.rc.window == 1
+        """Independent units (:attr:`ReconConfig.independent_units`): the sparse stream (for the masks)
+        then passes the masks-only weights, so the masks are the layer-wise pass's and no block's
+        reconstruction changes another's data."""
+        return self.rc.independent_units
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -521,9 +522,7 @@ def _start(
         t = time.perf_counter()
         if calib_ids is None and checkpoint is not None and ranks.main:
             calib_ids = checkpoint.calibration()
-        if calib_ids is None and not ranks.main:
-            pass  # rank 0's windows arrive below
-        elif calib_ids is None:
+        if calib_ids is None and ranks.main:  # the other ranks receive rank 0's windows below
             if store.streamed and (config.calib.calib == "self" or config.calib.calib_mix > 0):
                 raise PrunekitError(
                     "self-generated calibration needs the whole model in memory, not weights streamed from disk; "

@@ -338,9 +338,6 @@ class FitData:
         if self.ranks.active and self.local_batches:
             return self._local_batches(batch_size, gen, total)
         order = torch.randperm(total, generator=gen)
-        if not self.ranks.active:
-            order = self.train_rows[order]
-            return [(order[b : b + batch_size], len(order[b : b + batch_size])) for b in range(0, total, batch_size)]
         out = []
         lo, hi = self.train_offset, self.train_offset + len(self.train_rows)
         for b in range(0, total, batch_size):
@@ -570,17 +567,9 @@ def _adam(
                 for idx, global_size in data.batches(batch_size, gen):
                     with precision.step(device):  # TF32 for the whole step; bf16 autocasts the forward only
                         opt.zero_grad(set_to_none=True)
-                        if not ranks.active:
-                            x = inputs[idx].to(device, torch.float32)
-                            t = targets[idx].to(device, torch.float32)
-                            loss = objective.loss(unit.forward(x).float(), t)  # a float32 loss in every mode
-                            if not torch.isfinite(loss):
-                                raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
-                            loss.backward()
-                        else:
-                            loss = _data_parallel_step(unit, params, objective, inputs, targets, idx, global_size, device, ranks)
-                            if not torch.isfinite(loss):  # the same verdict on every rank (the summed loss)
-                                raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
+                        loss = _step_loss(unit, params, objective, inputs, targets, idx, global_size, device, ranks)
+                        if not torch.isfinite(loss):  # data-parallel: the summed loss, the same verdict on every rank
+                            raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
                         opt.step()
                     sched.step()
                     losses.append(float(loss.detach()))
@@ -616,19 +605,26 @@ def _adam(
     return False
 
 
-def _data_parallel_step(
+def _step_loss(
     unit: Unit, params: list[nn.Parameter], objective: Objective, inputs: torch.Tensor, targets: torch.Tensor,
     idx: torch.Tensor, global_size: int, device: torch.device, ranks: Ranks,
 ) -> torch.Tensor:
-    """This rank's share of one global batch: its rows' loss weighted by their share of the batch,
-    backward, then gradients and loss summed over ranks. The objectives are means over windows of
-    equal length, so the sum is the single-process batch's loss and gradient (up to summation order)."""
+    """The loss of one batch (float32 in every mode), after its backward pass.
+
+    Data-parallel, this rank holds only some rows of the global batch (possibly none): their loss is
+    weighted by their share of the batch, then gradients and loss are summed over ranks. The
+    objectives are means over windows of equal length, so the sum is the single-process batch's
+    loss and gradient (up to summation order)."""
     loss = torch.zeros((), device=device)
     if len(idx):
         x = inputs[idx].to(device, torch.float32)
         t = targets[idx].to(device, torch.float32)
-        loss = objective.loss(unit.forward(x).float(), t) * (len(idx) / global_size)
+        loss = objective.loss(unit.forward(x).float(), t)
+        if ranks.active:
+            loss = loss * (len(idx) / global_size)
         loss.backward()
+    if not ranks.active:
+        return loss
     for p in params:
         if p.grad is None:  # no rows here this step (or no path to p): a zero share
             p.grad = torch.zeros_like(p)

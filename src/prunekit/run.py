@@ -361,15 +361,15 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
         stream_dir = ranks.broadcast_object(
             streamed_source(cfg.model.model, cfg.model.weights, cfg.model.dtype, local) if ranks.main else None)
-        if not ranks.main:
-            return _follow(cfg, prune_cfg, resume, ranks, mode, stream_dir)
     else:
         stream_dir = streamed_source(cfg.model.model, cfg.model.weights, cfg.model.dtype)
+    if stream_dir is not None and not cfg.out:
+        raise PrunekitError("a model streamed from disk is written block by block as it is pruned: give --out")
+    if not ranks.main:
+        return _follow(cfg, prune_cfg, resume, ranks, mode, stream_dir)
     if cfg.prune.offload_dir:
         probe_writable(Path(cfg.prune.offload_dir).expanduser(), "--offload-dir")
     t0 = time.perf_counter()
-    if stream_dir is not None and not cfg.out:
-        raise PrunekitError("a model streamed from disk is written block by block as it is pruned: give --out")
     rundir = RunDir(cfg.out, cfg.overwrite, resume=resume, resumable=True) if cfg.out else None
     checkpoint = None
     try:
@@ -515,12 +515,10 @@ def _follow(cfg: RunConfig, prune_cfg, resume: bool, ranks: dist.Ranks, mode: st
     partial = RunDir.partial_of(cfg.out) if cfg.out else None
     if resume and partial is not None:
         checkpoint = Checkpointer(partial / "checkpoint", settings_fingerprint(cfg, mode), ranks.world)
-    if stream_dir is not None:  # read blocks as rank 0 does; what rank 0 wrote is read from its partial output
-        if partial is None:
-            raise PrunekitError("a model streamed from disk is written block by block as it is pruned: give --out")
+    if stream_dir is not None:  # read blocks as rank 0 does; what rank 0 wrote is read from its partial output (--out is given)
         sm = StreamedModel(stream_dir, _DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)
         model, tokenizer = sm.model, None
-        store = StreamedBlocks(sm, None, lr_dir=partial / "checkpoint" / "lr", output=partial)
+        store = StreamedBlocks(sm, None, lr_dir=partial / "checkpoint" / "lr", output=partial)  # type: ignore[operator]
     else:
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     with dist.failures(ranks):
