@@ -10,6 +10,9 @@ Configurations, each from the same dense weights:
 - ``wanda-brgp-{fp32,tf32,bf16}`` and ``wanda-brgp-bf16-streams``: Wanda masks + BR+GP for 1 epoch
   at batch 8 (the Rethinking paper's block-wise reconstruction with global propagation), in each
   ``--precision``; the last one also stores the activation streams in bfloat16 (``--stream-dtype``);
+  streams go where ``--offload auto`` puts them (on a GPU with room: GPU memory);
+- ``wanda-brgp-bf16-hoststreams``: as ``wanda-brgp-bf16`` with the streams in (pinned) host memory
+  (``--offload ram``), the low-GPU-memory path;
 - ``wanda-lr-*`` and ``sparsegpt-lr-*``: masks only (the papers' layer-wise baseline), in each precision.
 
 For each: wall time per block (block 0 also captures the inputs and takes the guard's dense
@@ -126,6 +129,7 @@ class RunSpec:
     recon: str  # lr | br-gp
     precision: str
     stream_dtype: str = "float32"
+    offload: str = "auto"  # where the activation streams go (--offload)
 
     @property
     def kind(self) -> str:
@@ -137,6 +141,7 @@ def specs() -> list[RunSpec]:
     """BR+GP first (the issue's targets), then the masks-only baselines."""
     out = [RunSpec(f"wanda-brgp-{m}", "wanda", "br-gp", m) for m in MODES]
     out.append(RunSpec("wanda-brgp-bf16-streams", "wanda", "br-gp", "bf16", "bfloat16"))
+    out.append(RunSpec("wanda-brgp-bf16-hoststreams", "wanda", "br-gp", "bf16", offload="ram"))
     out += [RunSpec(f"wanda-lr-{m}", "wanda", "lr", m) for m in MODES]
     out += [RunSpec(f"sparsegpt-lr-{m}", "sparsegpt", "lr", m) for m in MODES]
     return out
@@ -273,7 +278,8 @@ def calib_ids(shape: Shape, seed: int = 0) -> torch.Tensor:
 
 
 def prune_config(spec: RunSpec, device: str, batch_size: int, epochs: int) -> PruneConfig:
-    cfg = PruneConfig(batch_size=batch_size, device=device, precision=spec.precision, stream_dtype=spec.stream_dtype)
+    cfg = PruneConfig(batch_size=batch_size, device=device, precision=spec.precision, stream_dtype=spec.stream_dtype,
+                      offload=spec.offload)
     cfg.sparsity.method = spec.method
     cfg.sparsity.sparsity = "0.5"
     cfg.recon.recon = spec.recon
@@ -303,7 +309,7 @@ def run_one(
 
     out: dict[str, Any] = {
         "name": spec.name, "method": spec.method, "recon": spec.recon, "precision": spec.precision,
-        "precision_resolved": mode, "stream_dtype": spec.stream_dtype,
+        "precision_resolved": mode, "stream_dtype": spec.stream_dtype, "offload": spec.offload,
         "epochs": epochs if spec.recon != "lr" else 0, "batch_size": batch_size,
     }
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ def test_tiny_run_writes_every_field(gpu, tmp_path):
     assert "PROJECTION" in result["note"] and result["skipped"] == []
 
     runs = {r["name"]: r for r in result["configs"]}
-    assert set(runs) == {s.name for s in gpu.specs()} and len(runs) == 10
+    assert set(runs) == {s.name for s in gpu.specs()} and len(runs) == 11
     for name, r in runs.items():
         assert r["status"] == "done", (name, r.get("why"))
         assert len(r["per_block_s"]) == 2 and r["steady_block_s"] == r["per_block_s"][1] > 0
@@ -52,7 +52,8 @@ def test_tiny_run_writes_every_field(gpu, tmp_path):
     assert runs["wanda-lr-tf32"]["precision_resolved"] == "fp32"
     assert runs["wanda-brgp-bf16"]["precision_resolved"] == "bf16"
     assert runs["wanda-brgp-bf16-streams"]["stream_dtype"] == "bfloat16"
-    for name in ("wanda-brgp-fp32", "wanda-brgp-tf32", "wanda-brgp-bf16", "wanda-brgp-bf16-streams"):
+    assert runs["wanda-brgp-bf16-hoststreams"]["offload"] == "ram"
+    for name in ("wanda-brgp-fp32", "wanda-brgp-tf32", "wanda-brgp-bf16", "wanda-brgp-bf16-streams", "wanda-brgp-bf16-hoststreams"):
         r = runs[name]
         # 4 windows, 1 held out, 3 trained on at batch 8: one step per block, two blocks
         assert r["steps"] == 2 and r["last_unit"]["steps"] == 1 and r["last_unit"]["unit"] == "block 1"

@@ -23,6 +23,7 @@ from torch import nn
 
 from .checkpoint import Checkpointer
 from .families import Readout, discover
+from .hostmem import park
 from .shards import ShardReader, ShardWriter, StreamedModel
 
 
@@ -40,7 +41,7 @@ class InMemoryBlocks:
 
     def park(self, j: int) -> None:
         """Between windows: block ``j`` back in host memory."""
-        self.blocks[j].to("cpu")
+        park(self.blocks[j])
 
     def dense_copy(self, j: int) -> nn.Module:
         """A copy of block ``j`` with its original weights (call before the block is changed)."""
@@ -51,7 +52,7 @@ class InMemoryBlocks:
         return self.blocks[j].to(device)
 
     def leave(self, j: int) -> None:
-        self.blocks[j].to("cpu")
+        park(self.blocks[j])
 
     def finish(self, j: int) -> None:
         """Block ``j`` is final and the streams have passed it."""
@@ -118,7 +119,7 @@ class StreamedBlocks:
         return self.blocks[j].to(device)
 
     def park(self, j: int) -> None:
-        self.blocks[j].to("cpu")
+        park(self.blocks[j])
 
     def dense_copy(self, j: int) -> nn.Module:
         return self.sm.dense_block(j, "cpu")  # re-read from the shards, never kept beside the block
@@ -131,7 +132,7 @@ class StreamedBlocks:
 
     def finish(self, j: int) -> None:
         if j in self._live:
-            self.blocks[j].to("cpu")
+            park(self.blocks[j])
             self._write(j)
             self.sm.release(j)
             self._live.discard(j)

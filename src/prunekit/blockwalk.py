@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .capture import _children_deep, capture, run_block, to_device
 from .errors import PrunekitError
 from .families import Readout, discover
+from .hostmem import park
 from .streams import available_ram
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,10 @@ class ModelWeights:
 
     def _back(self, key: Any) -> None:
         for m, home in self._homes.pop(key, []):
-            m.to(home)
+            if home.type == "cpu":
+                park(m)  # pinned: the next visit's copy to the GPU is one DMA
+            else:
+                m.to(home)
 
     def load_stem(self) -> None:
         self._move("stem", _children_deep(self.model.base_model, self.blocks))

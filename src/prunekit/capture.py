@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import precision
+from .hostmem import park
 from .probe import StopAt
 
 
@@ -194,13 +195,13 @@ def capture(
                 if hidden is None:
                     shape = (input_ids.shape[0], *sink.hidden.shape[1:])
                     hidden = (allocate or (lambda sh, dt: torch.empty(sh, dtype=dt)))(shape, sink.hidden.dtype)
-                hidden[b : b + batch.shape[0]] = sink.hidden.to("cpu")
+                hidden[b : b + batch.shape[0]] = sink.hidden  # copy_: casts, and crosses devices (pinned or GPU stream)
                 kwargs.append(_to_cpu_shared(sink.kwargs))
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
         for m in stems:
-            m.to("cpu")
+            park(m)
     return Captured(hidden=hidden, kwargs=kwargs, batch_size=batch_size)
 
 

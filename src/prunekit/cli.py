@@ -60,6 +60,9 @@ _HELP = {
     "(bf16 = autocast with float32 weights, loss and optimizer state; tf32 only on CUDA); auto = bf16 on a CUDA GPU, else fp32",
     "weights": "auto | memory | stream: load the whole model into RAM, or read each block from a local safetensors "
     "directory when needed and write it to the output when final (auto: stream when the model would not fit in RAM)",
+    "offload": "auto | device | ram | disk: where activation streams live: GPU memory, RAM (pinned on a GPU run) or "
+    "memory-mapped files; auto = the GPU while the run's streams take at most 40%% of its free memory, else RAM while "
+    "they take at most half of the available memory, else disk",
     "max_shard_size": "shard size of a model written while streaming, e.g. 5GB or 500MB",
     "checkpoint_every": "the activation streams are checkpointed when replaying them through the blocks finished since "
     "(what a resume does) would take this many minutes (0: after every window); finished blocks are checkpointed at once",

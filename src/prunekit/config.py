@@ -336,7 +336,7 @@ class PruneConfig:
     recon: ReconConfig = field(default_factory=ReconConfig)
     batch_size: int = 8  # sequences per forward pass, and per gradient step unless the preset or --recon-batch-size sets one (Rethinking paper: 8)
     device: str = "auto"
-    offload: str = "auto"  # activation streams: ram | disk (memory-mapped) | auto (disk when RAM is short)
+    offload: str = "auto"  # activation streams: device (GPU memory) | ram | disk (memory-mapped) | auto (see streams.py)
     offload_dir: str | None = None  # where memory-mapped streams go (default: the system temp dir)
     checkpoint_every: float = 10.0  # the streams are checkpointed when a resume would replay them this many minutes (0: every window); finished blocks at once
     # forward/backward passes of blocks and units: auto | fp32 | tf32 | bf16 (prunekit.precision);
@@ -360,8 +360,8 @@ class PruneConfig:
         check_precision(self.precision, self.stream_dtype)
         if self.batch_size < 1:
             raise PrunekitError("batch-size must be at least 1")
-        if self.offload not in ("auto", "ram", "disk"):
-            raise PrunekitError(f"unknown offload {self.offload!r}; choose auto, ram or disk")
+        if self.offload not in ("auto", "device", "ram", "disk"):
+            raise PrunekitError(f"unknown offload {self.offload!r}; choose auto, device, ram or disk")
         if not self.checkpoint_every >= 0:
             raise PrunekitError(f"--checkpoint-every must be 0 or more minutes, not {self.checkpoint_every}")
         if self.parallel not in PARALLEL:

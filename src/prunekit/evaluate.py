@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import blockwalk
 from .blockwalk import Batch, WeightSource, choose_walk
 from .data import eval_text, eval_windows
+from .hostmem import park
 from .errors import PrunekitError
 from .families import Readout
 from .models import context_length
@@ -94,7 +95,7 @@ def window_losses(
             hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
             losses.extend(_window_nll(readout, hidden, ids))
     finally:
-        model.to("cpu")
+        park(model)
     return losses
 
 
@@ -218,6 +219,6 @@ def block_error_detail(
     finally:
         for h in handles:
             h.remove()
-        dense.to("cpu")
-        pruned.to("cpu")
+        park(dense)
+        park(pruned)
     return result()

@@ -37,6 +37,7 @@ from torch import nn
 from .blockwalk import Batch, WeightSource, walk
 from .dist import Ranks
 from .families import Readout
+from .hostmem import host_copy, park, to_host
 from .losses import ErrorSums, kl_divergence
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ _CHUNK = 256  # positions per LM-head chunk
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of ``module``'s state (parameters and buffers)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    """A CPU copy of ``module``'s state (parameters and buffers); pinned when it comes from a GPU."""
+    return {k: host_copy(v) for k, v in module.state_dict().items()}
 
 
 def restore(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -101,16 +102,16 @@ class EndToEnd:
         if source is not None:
             out: list[torch.Tensor] = []
             walk(model, [Batch(ids) for ids in batches], self.device,
-                 lambda _i, h, _r: out.append(h.to("cpu", torch.float32)), source=source, desc="guard")
+                 lambda _i, h, _r: out.append(to_host(h, torch.float32)), source=source, desc="guard")
             return torch.cat(out)
         model.to(self.device)
         try:
             return torch.cat([
-                model.base_model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state.to("cpu", torch.float32)
+                to_host(model.base_model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state, torch.float32)
                 for ids in batches
             ])
         finally:
-            model.to("cpu")
+            park(model)
 
     @torch.no_grad()
     def _score(self, model: nn.Module, hidden: torch.Tensor, source: WeightSource | None) -> tuple[float, float]:
@@ -133,7 +134,7 @@ class EndToEnd:
             if source is not None:
                 source.release_head()
             else:
-                readout.to("cpu")
+                park(readout)
         kl, nll, count = self.ranks.sum_floats([kl, nll, float(count)])
         return kl / max(count, 1), nll / max(count, 1)
 

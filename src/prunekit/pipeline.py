@@ -52,6 +52,7 @@ from .dist import Ranks, choose_mode, weights_digest
 from .errors import PrunekitError
 from .families import Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot, token_error
+from .hostmem import park
 from .losses import Objective
 from .masks import check_layer, expected_fraction
 from .models import context_length
@@ -189,7 +190,7 @@ def _push(block: nn.Module, j: int, captured: Captured, stream: torch.Tensor, de
     """Push ``stream`` in place through ``block`` (moved to the device for its pass)."""
     block.to(device)
     propagate(block, j, captured, stream, device)
-    block.to("cpu")
+    park(block)
 
 
 @dataclass
@@ -567,7 +568,7 @@ def _start(
     # streams kept at once: sparse, dense, a unit's inputs and targets (when reconstructing); files
     # of memory-mapped streams go when the allocator is closed or garbage-collected
     streams = StreamAllocator(config.offload, config.offload_dir, copies=4 if (rc.trains or rc.measures) else 1,
-                              dtype=precision.stream_dtype(config.stream_dtype))  # --stream-dtype
+                              dtype=precision.stream_dtype(config.stream_dtype), device=device)  # --stream-dtype
     bs = config.batch_size
     captured = None
     if needs_streams:
@@ -758,7 +759,7 @@ def _verify(run: _Run, state: RunState, idx: list[int]) -> None:
             )
         run.store.park(j)
         if j in state.dense:
-            state.dense[j].to("cpu")
+            park(state.dense[j])
 
 
 @torch.no_grad()
@@ -886,8 +887,8 @@ def _apply(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, allo
     """``fn`` over ``inputs`` batch by batch, into a new stream."""
     out = None
     for b in range(0, inputs.shape[0], batch_size):
-        y = fn(inputs[b : b + batch_size].to(device)).to("cpu", inputs.dtype)
+        y = fn(inputs[b : b + batch_size].to(device))
         if out is None:
-            out = allocate((inputs.shape[0], *y.shape[1:]), y.dtype)
-        out[b : b + y.shape[0]] = y
+            out = allocate((inputs.shape[0], *y.shape[1:]), inputs.dtype)
+        out[b : b + y.shape[0]] = y  # copy_: casts to the stream's dtype, crosses devices
     return out

@@ -30,6 +30,7 @@ from . import precision
 from .capture import Captured, run_block, to_device
 from .config import ReconConfig
 from .families import Conv1D, Layout, is_linear, weight_matrix
+from .hostmem import host_copy, rows as rows_on
 from .losses import ErrorSums, Objective
 from .dist import Ranks
 from .probe import value_at
@@ -84,15 +85,16 @@ def collect(
     window: Window, stream: torch.Tensor, point: Point, rows: torch.Tensor, batch_size: int,
     allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The value at ``point`` for every row of ``stream`` (``[n, seq, hidden]`` on CPU), on CPU."""
+    """The value at ``point`` for every row of ``stream`` (``[n, seq, hidden]``), in a new stream
+    (``allocate``'s placement: the GPU, RAM or disk; without it, RAM) of ``stream``'s dtype."""
     out: torch.Tensor | None = None
     for b in range(0, len(rows), batch_size):
         idx = rows[b : b + batch_size]
-        v = window.value_at(stream[idx].to(window.device), point).to("cpu", stream.dtype)
+        v = window.value_at(rows_on(stream, idx, window.device), point)
         if out is None:
             shape = (len(rows), *v.shape[1:])
-            out = allocate(shape, v.dtype) if allocate else torch.empty(shape, dtype=v.dtype)
-        out[b : b + len(idx)] = v
+            out = allocate(shape, stream.dtype) if allocate else torch.empty(shape, dtype=stream.dtype)
+        out[b : b + len(idx)] = v  # copy_: casts to the stream's dtype, crosses devices
     assert out is not None
     return out
 
@@ -275,8 +277,8 @@ def measure(
     with torch.no_grad():
         for b in range(0, len(rows), batch_size):
             idx = rows[b : b + batch_size]
-            y = forward(inputs[idx].to(device)).float()
-            sums.add(y, targets[idx].to(device, torch.float32), objective, score)
+            y = forward(rows_on(inputs, idx, device)).float()
+            sums.add(y, rows_on(targets, idx, device).float(), objective, score)
     return sums
 
 
@@ -411,7 +413,7 @@ def fit(
         return record
     crit_before = held0.criterion(objective) if held0 else None
     before = None if restore_before is not None else {
-        id(mod): {k: v.detach().to("cpu", copy=True) for k, v in mod.state_dict().items()} for mod in unit.modules
+        id(mod): {k: host_copy(v) for k, v in mod.state_dict().items()} for mod in unit.modules
     }
     t0 = time.perf_counter()
     diverged = False
@@ -617,8 +619,8 @@ def _step_loss(
     loss and gradient (up to summation order)."""
     loss = torch.zeros((), device=device)
     if len(idx):
-        x = inputs[idx].to(device, torch.float32)
-        t = targets[idx].to(device, torch.float32)
+        x = rows_on(inputs, idx, device).float()
+        t = rows_on(targets, idx, device).float()
         loss = objective.loss(unit.forward(x).float(), t)
         if ranks.active:
             loss = loss * (len(idx) / global_size)
@@ -651,10 +653,10 @@ def _lstsq(unit: Unit, masks: dict[str, torch.Tensor], data: FitData) -> None:
     b = torch.zeros(d, w.shape[0], dtype=torch.float64, device=device)
     for s in range(0, len(train_rows), batch_size):
         idx = train_rows[s : s + batch_size]
-        x = inputs[idx].to(device).reshape(-1, w.shape[1]).double()
+        x = rows_on(inputs, idx, device).reshape(-1, w.shape[1]).double()
         if bias is not None:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=device)], 1)
-        y = targets[idx].to(device).reshape(-1, w.shape[0]).double()
+        y = rows_on(targets, idx, device).reshape(-1, w.shape[0]).double()
         h.addmm_(x.t(), x)
         b.addmm_(x.t(), y)
     data.ranks.all_reduce_many_([h, b])  # data-parallel: every rank's windows

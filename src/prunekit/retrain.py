@@ -60,6 +60,7 @@ from torch.utils.checkpoint import checkpoint
 from . import precision
 from .config import ReconConfig
 from .errors import PrunekitError
+from .hostmem import park
 from .families import Conv1D, Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot
 from .losses import kl_divergence
@@ -123,7 +124,7 @@ def final_hidden(model: nn.Module, ids: torch.Tensor, batch_size: int, device: t
             for b in range(0, ids.shape[0], batch_size)
         ])
     finally:
-        model.to("cpu")
+        park(model)
 
 
 @contextlib.contextmanager
@@ -329,7 +330,7 @@ class Retrain:
             if not diverged:
                 record.heldout_after = self._heldout(model, readout)
         finally:
-            model.to("cpu")
+            park(model)
         record.peak_rss_mb = peak_rss_mb()
         if device.type == "cuda":
             record.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20

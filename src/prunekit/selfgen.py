@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import PrunekitError
+from .hostmem import park
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def generate_windows(
             )
             out.append(seqs[:, :seqlen].cpu())
     finally:
-        model.to("cpu")
+        park(model)
     return torch.cat(out)
 
 

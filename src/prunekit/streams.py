@@ -1,4 +1,4 @@
-"""Activation streams: ``[windows, seq, hidden]`` tensors on CPU, in RAM or memory-mapped from disk.
+"""Activation streams: ``[windows, seq, hidden]`` tensors on the GPU, in RAM or memory-mapped from disk.
 
 A 70B model calibrated on 256 windows of 1024 tokens has 8 GiB per float32 stream, and
 reconstruction with global propagation keeps two streams plus a unit's inputs and targets. When
@@ -9,6 +9,12 @@ Streams may be stored narrower than they are computed (``--stream-dtype bfloat16
 memory, disk and checkpoint bytes. Writes round to the storage dtype (slice assignment casts); every
 block and unit reads its input back in its weights' dtype (:func:`prunekit.precision.as_input`), so
 computation stays in float32 (or under autocast).
+
+On a CUDA run streams live in GPU memory when they fit (``auto`` and ``device``), as SparseGPT's
+own code keeps its block inputs and outputs: every batch a block or a reconstruction step reads is
+then already there. Measured on an H100 (bench/results/gpu/), host streams cost more than the
+7B-shaped block's arithmetic, since every training step moves its inputs and targets over the bus.
+Streams in RAM on a CUDA run are pinned (:mod:`prunekit.hostmem`).
 """
 
 from __future__ import annotations
@@ -20,9 +26,15 @@ from pathlib import Path
 
 import torch
 
+from .hostmem import host_empty
+
 log = logging.getLogger(__name__)
 
 _RAM_FRACTION = 0.5  # streams may use at most this share of the available memory before going to disk
+# streams may use at most this share of the GPU's free memory (measured when each is allocated): the
+# rest is the window's blocks, their dense copies, AdamW state and a step's activations (a 7B block
+# in BR+GP peaked at 6.8 GiB in bf16, 7.7 in fp32 on an H100: bench/results/gpu/)
+_DEVICE_FRACTION = 0.4
 
 
 def available_ram() -> int:
@@ -43,26 +55,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class StreamAllocator:
-    """Allocates streams in RAM or on disk, following ``mode``: ``auto`` | ``ram`` | ``disk``.
+def device_free(device: torch.device) -> int:
+    """Free memory of a CUDA ``device`` (bytes; 0 elsewhere)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.mem_get_info(device)[0]
 
-    ``auto`` goes to disk once ``copies`` streams of the requested size would take more than half
-    of the available memory (``copies`` counts the streams a run keeps at once). A floating-point
+
+OFFLOAD = ("auto", "device", "ram", "disk")
+
+
+class StreamAllocator:
+    """Allocates streams on the run's device, in RAM or on disk, following ``mode``: ``auto`` |
+    ``device`` | ``ram`` | ``disk``.
+
+    ``auto`` keeps streams on a CUDA ``device`` while ``copies`` streams of the requested size take
+    at most 40% of its free memory, else in RAM while they take at most half of the available
+    memory, else on disk (``copies`` counts the streams a run keeps at once). ``device`` on a CPU
+    run is ``ram``. RAM streams of a CUDA run are pinned. A floating-point
     stream wider than ``dtype`` is stored as ``dtype`` (float32 -> bfloat16); a narrower one (a
     bfloat16 model's) keeps its own, so the default ``float32`` changes nothing.
     """
 
     def __init__(
         self, mode: str = "auto", directory: str | None = None, copies: int = 4, dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
-        if mode not in ("auto", "ram", "disk"):
+        if mode not in OFFLOAD:
             raise ValueError(f"unknown offload mode {mode!r}")
         self.mode = mode
+        self.device = torch.device(device)
         self.copies = copies
         self.dtype = dtype
         self._dir: tempfile.TemporaryDirectory | None = None
         self._root = directory
         self._count = 0
+
+    def on_device(self, nbytes: int) -> bool:
+        if self.device.type != "cuda" or self.mode not in ("auto", "device"):
+            return False
+        return self.mode == "device" or nbytes * self.copies <= _DEVICE_FRACTION * device_free(self.device)
 
     def on_disk(self, nbytes: int) -> bool:
         if self.mode != "auto":
@@ -81,8 +113,10 @@ class StreamAllocator:
         for s in shape:
             numel *= s
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if self.on_device(nbytes):
+            return torch.empty(shape, dtype=dtype, device=self.device)
         if not self.on_disk(nbytes):
-            return torch.empty(shape, dtype=dtype)
+            return host_empty(shape, dtype, pin=self.device.type == "cuda")
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="prunekit-streams-", dir=self._root)
             log.info("activation streams are memory-mapped under %s", self._dir.name)

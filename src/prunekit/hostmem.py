@@ -1,0 +1,86 @@
+"""Host <-> device transfers that do not dominate a GPU run.
+
+Why this module exists: on an H100, a LLaMA-7B-shaped BR+GP run (bench/gpu.py, profile in
+``bench/results/gpu/nvidia-h100-80gb-hbm3-2026-11-28/profile-wanda-brgp-bf16.txt``) spent 76% of
+its GPU timeline copying device tensors into *pageable* host memory (``Module.to("cpu")`` of
+blocks, the guard's whole-model moves, ``.to("cpu")`` of activations) and 19% copying pageable
+memory to the device; the matmuls were 3%. A copy into pageable memory goes through a driver
+staging buffer and first touches freshly mapped pages; a copy into page-locked ("pinned") memory is
+one DMA at the bus's speed (the reason PyTorch's DataLoader has ``pin_memory``).
+
+So every move between the host and a CUDA device goes through here:
+
+- :func:`to_host` / :func:`park`: a tensor / a module's parameters and buffers to the host, into
+  pinned memory when they come from a CUDA device;
+- :func:`rows`: rows of a (host or device) stream gathered onto the device, through a pinned
+  staging buffer and a non-blocking copy when the stream is on the host;
+- :func:`host_empty`: an empty host tensor, pinned when a CUDA device will read or write it.
+
+On a CPU-only run each function is the plain operation it replaces (``.to("cpu")``, ``t[idx]``,
+``torch.empty``), so results there are unchanged bit for bit.
+
+Cost: pinned memory cannot be swapped, and PyTorch's caching host allocator rounds a pinned block
+up to a power of two and keeps freed blocks for reuse (``torch.cuda.host_memory_stats``), so host
+memory for parked weights can grow up to 2x their size on a GPU run. The weights streamed from disk
+(``--weights stream``) keep only a window of blocks on the host, which bounds it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _cuda(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """``torch.empty`` on the host, page-locked when ``pin`` (and a CUDA runtime is present)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin and torch.cuda.is_available())
+
+
+def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t.to("cpu", dtype)``; from a CUDA device, into pinned memory (one DMA, no page faults)."""
+    if not _cuda(t.device):
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+    if dtype is not None and dtype != t.dtype:
+        t = t.to(dtype)  # convert on the device: the copy then moves the narrower bytes
+    out = host_empty(tuple(t.shape), t.dtype, pin=True)
+    out.copy_(t)
+    return out
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` that never aliases it (snapshots of weights that will keep changing)."""
+    t = t.detach()
+    return to_host(t) if _cuda(t.device) else t.to("cpu", copy=True)
+
+
+@torch.no_grad()
+def park(module: nn.Module) -> nn.Module:
+    """``module.to("cpu")``, with the parameters and buffers that come from a CUDA device pinned."""
+    if any(_cuda(t.device) for t in _tensors(module)):
+        module._apply(to_host)  # what Module.to runs, with our copy (parameters keep their identity)
+    return module
+
+
+def _tensors(module: nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def rows(t: torch.Tensor, idx: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t[idx].to(device)``: rows ``idx`` of a stream, on ``device``.
+
+    From a host stream to a CUDA device the rows are gathered into a pinned staging buffer and
+    copied without blocking (the caching host allocator keeps the buffer until the copy is done),
+    so the gather of the next batch overlaps the transfer of this one."""
+    device = torch.device(device)
+    if t.device.type != "cpu":
+        return t.index_select(0, idx.to(t.device)).to(device)
+    if not _cuda(device):
+        return t[idx].to(device)
+    buf = host_empty((len(idx), *t.shape[1:]), t.dtype, pin=True)
+    torch.index_select(t, 0, idx, out=buf)
+    return buf.to(device, non_blocking=True)
