@@ -238,8 +238,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def prunekit_commit() -> str:
-    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files); on a machine
-    where the tree travelled without ``.git``, ``$PRUNEKIT_COMMIT`` as the caller passed it."""
+    """``$PRUNEKIT_COMMIT`` when the caller passed it (the tree travelled to a lent machine, whose copy
+    may carry a stale ``.git``: on 2026-11-28 a second call there reported the first call's commit
+    with ``-dirty``); else the checkout's commit (``-dirty`` with uncommitted changes to tracked files)."""
+    if os.environ.get("PRUNEKIT_COMMIT"):
+        return os.environ["PRUNEKIT_COMMIT"]
     root = HERE.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -467,6 +470,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (default bench/results/gpu/<machine>-<date>[-<shape>])")
     p.add_argument("--out-parent", default=str(HERE / "results" / "gpu"), help="where the default output directory goes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", metavar="GPU_JSON", help="only rewrite gpu.md beside an existing gpu.json (after a change to the table)")
     return p.parse_args(argv)
 
 
@@ -477,6 +481,10 @@ def resolved_shape(base: Shape, **overrides: int | None) -> Shape:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        done = json.loads(Path(args.render).read_text())
+        write(Path(args.render).parent, done)
+        return done
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     budget = Budget(args.budget_s)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -611,17 +619,30 @@ def _f(x: float | None, spec: str = ".3g", scale: float = 1.0) -> str:
     return "-" if x is None else format(x * scale, spec)
 
 
-def table(runs: list[dict[str, Any]]) -> list[str]:
+def _steady_tflops(run: dict[str, Any]) -> float | None:
+    """TFLOP/s of the last unit alone: the steady state, without the first block's one-time costs
+    (CUDA context, cuBLAS heuristics and the first autocast kernels: 2.8 s of block 0 on an H100)."""
+    last = run.get("last_unit")
+    if not last or not last.get("seconds"):
+        return None
+    return last["flops"] / last["seconds"] / 1e12
+
+
+def table(runs: list[dict[str, Any]], rates: dict[str, float | None]) -> list[str]:
     lines = [
-        "| configuration | status | s/block (steady) | train TFLOP/s | % of bf16 matmul | % of fp32 matmul | % of tf32 matmul "
+        "| configuration | status | s/block (steady) | train TFLOP/s (all blocks) | steady TFLOP/s (last block) "
+        "| steady % of bf16 matmul | % of bf16 matmul | % of fp32 matmul | % of tf32 matmul "
         "| ms/step | overhead ms/step | peak GPU GiB | peak RSS GiB | projected min (PROJECTION) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         ratio = r.get("ratio_to_matmul") or {}
         proj = r.get("projection") or {}
+        steady = _steady_tflops(r)
+        steady_ratio = steady / rates["bf16"] if steady and rates.get("bf16") else None
         lines.append(
             f"| {r['name']} | {r['status']} | {_f(r.get('steady_block_s'), '.2f')} | {_f(r.get('train_tflops'))} "
+            f"| {_f(steady)} | {_f(steady_ratio, '.1f', 100)} "
             f"| {_f(ratio.get('bf16'), '.1f', 100)} | {_f(ratio.get('fp32'), '.1f', 100)} | {_f(ratio.get('tf32'), '.1f', 100)} "
             f"| {_f(r.get('step_s'), '.1f', 1e3)} | {_f(r.get('overhead_per_step_s'), '.1f', 1e3)} "
             f"| {_f(r.get('peak_gpu_bytes'), '.2f', 2**-30)} | {_f(r.get('peak_rss_bytes'), '.2f', 2**-30)} "
@@ -643,7 +664,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"tokens (10% held out), batch {sz['batch_size']}, BR+GP {sz['epochs']} epoch(s), 50% unstructured.",
         f"Matmul {mm['size']}-square TFLOP/s before: {fmt_rates(mm['before'] or {})}; after: {fmt_rates(mm['after'] or {})}.",
         "",
-        *table(result["configs"]),
+        *table(result["configs"], mm["before"] or {}),
         "",
         f"The last column is a PROJECTION (not measured): {s['project_blocks']} blocks at the Rethinking paper's sizes "
         f"({PAPER['windows']} windows x {PAPER['seqlen']} tokens, {PAPER['epochs']} epochs, batch {PAPER['batch_size']}: "
@@ -658,7 +679,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"## Default model's shape (SmolLM2-135M), random weights, {d['blocks']} of {d['project_blocks']} blocks, "
             f"{d['windows']} x {d['seqlen']} tokens",
             "",
-            *table(dm["runs"]),
+            *table(dm["runs"], mm["before"] or {}),
             "",
             "Overhead per step = step time minus the counted FLOPs at the same-precision square-matmul rate "
             "(launches, Python, elementwise work, attention, copies; small matmuls run below the square rate too).",

@@ -66,6 +66,14 @@ def test_tiny_run_writes_every_field(gpu, tmp_path):
     for name in ("wanda-lr-fp32", "sparsegpt-lr-bf16"):
         assert runs[name]["steps"] == 0 and "steps_per_block" not in runs[name]["projection"]
 
+    # the steady column is the last block's own rate: FLOPs over seconds of that unit
+    r = runs["wanda-brgp-bf16"]
+    assert gpu._steady_tflops(r) == pytest.approx(r["last_unit"]["flops"] / r["last_unit"]["seconds"] / 1e12)
+    # --render rewrites gpu.md from gpu.json alone (a table changed after a GPU run), to the same text
+    (out / "gpu.md").unlink()
+    gpu.main(["--render", str(out / "gpu.json")])
+    assert (out / "gpu.md").read_text() == md
+
     dm = result["default_model"]
     assert dm["shape"]["hidden"] == 576 and dm["shape"]["kv_heads"] == 3
     assert [r["name"] for r in dm["runs"]] == ["default-brgp-bf16", "default-brgp-fp32"]
