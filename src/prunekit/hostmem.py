@@ -42,8 +42,10 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
 
 def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``t.to("cpu", dtype)``; from a CUDA device, into pinned memory (one DMA, no page faults)."""
-    if not _cuda(t.device):
+    if t.device.type == "cpu":
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
+    if not _cuda(t.device):  # another accelerator (MPS, XPU): the plain copy
+        return t.to("cpu", dtype)
     if dtype is not None and dtype != t.dtype:
         t = t.to(dtype)  # convert on the device: the copy then moves the narrower bytes
     out = host_empty(tuple(t.shape), t.dtype, pin=True)
@@ -60,7 +62,7 @@ def host_copy(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def park(module: nn.Module) -> nn.Module:
     """``module.to("cpu")``, with the parameters and buffers that come from a CUDA device pinned."""
-    if any(_cuda(t.device) for t in _tensors(module)):
+    if any(t.device.type != "cpu" for t in _tensors(module)):
         module._apply(to_host)  # what Module.to runs, with our copy (parameters keep their identity)
     return module
 
