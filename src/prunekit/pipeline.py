@@ -703,8 +703,8 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         err_lr = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference, ranks)
         guard.seconds += time.perf_counter() - tg
     window_masks = {name: m for j in idx for name, m in state.masks[j].items()}
-    units = zip(build_units(run.layout, win, rc.granularity, run.prefix), build_units(run.layout, dwin, rc.granularity, run.prefix))
-    for unit, dunit in units:
+    units = list(zip(build_units(run.layout, win, rc.granularity, run.prefix), build_units(run.layout, dwin, rc.granularity, run.prefix)))
+    for u, (unit, dunit) in enumerate(units):
         if rc.inputs == "sparse":
             inputs = collect(win, state.sparse, unit.input, run.all_rows, bs, run.allocate)
         else:
@@ -719,7 +719,14 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         restore_before = None
         if held is not None and [id(m) for m in unit.modules] == [id(b) for b in win.blocks]:  # the unit is the window
             restore_before = lambda held=held: [restore(run.blocks[j], held[j]) for j in idx]  # noqa: E731
+        for j in idx:  # the dense blocks wait on the host while the unit trains: their outputs are taken (a GPU
+            if j in state.dense:  # block-size less at the peak; no-op on a CPU)
+                park(state.dense[j])
         record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective, restore_before)
+        if u + 1 < len(units):  # the next unit's inputs or targets come from the dense blocks
+            for j in idx:
+                if j in state.dense:
+                    state.dense[j].to(run.device)
         state.report.units.append(record)
         if record.note:
             state.report.notes.append(record.note)
