@@ -30,16 +30,6 @@ from pathlib import Path
 import torch
 
 
-def matmul_gflops(seconds: float = 1.0, size: int = 1024) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    n, t = 0, time.perf_counter()
-    while time.perf_counter() - t < seconds:
-        a @ b
-        n += 1
-    return 2 * size**3 * n / (time.perf_counter() - t) / 1e9
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--label", required=True, help="the tree's name in the results (a commit)")
@@ -50,6 +40,7 @@ def main() -> None:
 
     import prunekit
     from prunekit.config import PruneConfig
+    from prunekit.run import matmul_gflops  # 1024-square float32, 1 s; the same signature in the older trees
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
@@ -61,11 +52,12 @@ def main() -> None:
     cfg.sparsity.method = "wanda"
     cfg.recon.recon = "br-gp"
     cfg.recon.epochs = 1
-    before = matmul_gflops()
+    cpu = torch.device("cpu")
+    before = matmul_gflops(cpu)
     t = time.perf_counter()
     _, report = prunekit.prune(model, None, cfg, calib_ids=ids, progress=False)
     wall = time.perf_counter() - t
-    after = matmul_gflops()
+    after = matmul_gflops(cpu)
     units = [u for u in report.units if u.steps]
     last = units[-1]
     rate = (before + after) / 2

@@ -181,6 +181,7 @@ SOLVERS = ("adam", "lstsq")
 INPUTS = ("sparse", "dense")
 TARGETS = ("local", "global")
 GUARDS = ("revert", "warn", "off")
+OFFLOAD = ("auto", "device", "ram", "disk")  # where activation streams live (prunekit.streams)
 PARALLEL = ("auto", "data", "block")  # under torchrun (prunekit.dist)
 DP_BATCHES = ("global", "local")
 
@@ -360,7 +361,7 @@ class PruneConfig:
         check_precision(self.precision, self.stream_dtype)
         if self.batch_size < 1:
             raise PrunekitError("batch-size must be at least 1")
-        if self.offload not in ("auto", "device", "ram", "disk"):
+        if self.offload not in OFFLOAD:
             raise PrunekitError(f"unknown offload {self.offload!r}; choose auto, device, ram or disk")
         if not self.checkpoint_every >= 0:
             raise PrunekitError(f"--checkpoint-every must be 0 or more minutes, not {self.checkpoint_every}")

@@ -719,14 +719,12 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         restore_before = None
         if held is not None and [id(m) for m in unit.modules] == [id(b) for b in win.blocks]:  # the unit is the window
             restore_before = lambda held=held: [restore(run.blocks[j], held[j]) for j in idx]  # noqa: E731
-        for j in idx:  # the dense blocks wait on the host while the unit trains: their outputs are taken (a GPU
-            if j in state.dense:  # block-size less at the peak; no-op on a CPU)
-                park(state.dense[j])
+        for block in dwin.blocks:  # the dense blocks wait on the host while the unit trains: their outputs
+            park(block)  # are taken (a GPU block-size less at the peak; no-op on a CPU)
         record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective, restore_before)
         if u + 1 < len(units):  # the next unit's inputs or targets come from the dense blocks
-            for j in idx:
-                if j in state.dense:
-                    state.dense[j].to(run.device)
+            for block in dwin.blocks:
+                block.to(run.device)
         state.report.units.append(record)
         if record.note:
             state.report.notes.append(record.note)

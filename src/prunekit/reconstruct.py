@@ -194,10 +194,11 @@ def _hold_masks(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> list[Any]:
     return hooks
 
 
-# The dtype of the masks that hold pruned weights at zero (the products are the same either way): on a
-# CPU float32, whose multiply is faster than a bool-to-float one; on a GPU bool, a quarter of the
-# memory (0.6 GB less for a LLaMA-7B block, whose BR+GP peaked at 6.8 GiB in bf16 on an H100).
-_HOLD_DTYPE = {False: torch.float32, True: torch.bool}
+def _hold_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of the masks that hold pruned weights at zero (the products are the same either way):
+    on a CPU float32, whose multiply is faster than a bool-to-float one; on a GPU bool, a quarter of
+    the memory (0.6 GB less for a LLaMA-7B block, whose BR+GP peaked at 6.8 GiB in bf16 on an H100)."""
+    return torch.bool if torch.device(device).type == "cuda" else torch.float32
 
 
 def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], None]:
@@ -554,7 +555,7 @@ def _adam(
                     p.data = p.data.float()
         if not cfg.lora_rank:
             for name, lin in lin_items:
-                grad_masks.append((lin.weight, _oriented(lin, masks[name].to(device, _HOLD_DTYPE[torch.device(device).type == "cuda"]))))
+                grad_masks.append((lin.weight, _oriented(lin, masks[name].to(device, _hold_dtype(device)))))
         params = _trainable(unit, cfg)
         chosen = {id(p) for p in params}
         for m in unit.modules:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .config import OFFLOAD
 from .hostmem import host_empty
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,6 @@ def device_free(device: torch.device) -> int:
     if device.type != "cuda" or not torch.cuda.is_available():
         return 0
     return torch.cuda.mem_get_info(device)[0]
-
-
-OFFLOAD = ("auto", "device", "ram", "disk")
 
 
 class StreamAllocator:
