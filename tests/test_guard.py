@@ -200,6 +200,35 @@ def test_kd_is_the_kl_through_the_readout_and_zero_at_the_target():
     assert kd_positions(1000, 0).numel() <= 64 and kd_positions(10, 3).tolist() == list(range(3, 10))
 
 
+def test_kd_brings_a_parked_readout_to_the_batch_device():
+    """The kd readout shares the model's final norm and LM head, which the guard parks in host memory
+    after every window on a GPU run; the objective must move them back (a GPU run of kd with the
+    guard failed with 'found at least two devices' before this). Here: the move is asked for."""
+
+    class Spy(torch.nn.Linear):
+        asked: list = []
+
+        def _apply(self, fn, recurse=True):
+            Spy.asked.append(fn(torch.zeros(())).device)
+            return super()._apply(fn, recurse)
+
+    head = Spy(4, 7, bias=False).requires_grad_(False)
+    obj = Objective("kd", readout=head)
+    t = torch.randn(2, 6, 4)
+    obj.loss(t + 0.1, t)
+    assert Spy.asked and all(d == t.device for d in Spy.asked)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the readout parked by the guard between windows)")
+def test_kd_with_the_guard_on_a_gpu():
+    model = make_tiny_model("llama", layers=3)
+    cfg = PruneConfig()
+    cfg.device, cfg.batch_size = "cuda", 2
+    cfg.recon.recon, cfg.recon.epochs, cfg.recon.loss, cfg.recon.guard = "br-gp-cr", 1, "kd", "revert"
+    _, report = prunekit.prune(model, None, cfg, calib_ids=random_ids(8, 16, 3), progress=False)
+    assert all(u.loss == "kd" and u.steps > 0 for u in report.units)
+
+
 @pytest.mark.parametrize("loss", ["token-mse", "cosine", "kd"])
 def test_every_loss_reconstructs_and_keeps_masks(loss):
     model = make_tiny_model("llama", layers=2)

@@ -79,7 +79,11 @@ class Objective:
         if self.kind == "kd":
             pos = kd_positions(y.shape[1], self.skip).to(y.device)
             yd, td = y[:, pos], t[:, pos]
-            return kl_divergence(self.readout(td), self.readout(yd)).reshape(-1)
+            # The readout shares the model's final norm and LM head, which other phases (the guard,
+            # evaluation) park in host memory between windows on a GPU run: bring them back first.
+            # On the device already, this is a walk over two modules that copies nothing.
+            readout = self.readout.to(y.device)
+            return kl_divergence(readout(td), readout(yd)).reshape(-1)
         yf, tf = _flat(y, t, self.skip)
         if self.kind == "token-mse":
             return ((yf - tf) ** 2).sum(-1) / (tf**2).sum(-1).clamp_min(_EPS)
