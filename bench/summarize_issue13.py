@@ -1,0 +1,57 @@
+"""Issue 13's tables from bench/results/cpu-recon-v2: sparsity 60/70% with and without OWL, the Free
+Lunch comparison (retrain, free-lunch, attn-mlp+GP) and calibration source, as far as measured.
+
+Reads every result whose name marks it as one of these runs (``-sp``, ``-owl``, ``retrain``,
+``free-lunch``, ``attn-mlp``, ``-self-``, ``-mix``) and, for reference, the 50% LR and BR+GP cells.
+The device column says where a run went: protocol cpu-recon-v2 names the sizes; ``cuda`` runs
+(bench/gpu_quality.sh) computed the same thing on a lent GPU.
+
+    python bench/summarize_issue13.py > bench/results/cpu-recon-v2/issue13.md
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "cpu-recon-v2"
+MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix")
+REFERENCE = ("wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr",
+             "wanda-br-gp-losstoken-mse-guardrevert-ctx256+1024")
+
+
+def row(d: dict) -> str:
+    s = d.get("sparsity", {})
+    owl = "yes" if s.get("owl") else "no"
+    guard = (d.get("reconstruction") or {}).get("guard") or {}
+    windows = guard.get("windows") or []
+    reverted = f"{sum(w.get('reverted', False) for w in windows)} of {len(windows)}" if windows else "-"
+    ppl = d["perplexity"]
+    t = d.get("timing", {})
+    gpu = d.get("peak_gpu_mb")
+    return (f"| {d['run']} | {d['protocol'].get('device', 'cpu')} | {s.get('target', '-')} / {s.get('overall', 0):.4f} | {owl} | "
+            f"{ppl['wikitext2']:.2f} | {ppl['c4']:.2f} | {t.get('prune_s', 0):.0f} | "
+            f"{(gpu / 1024 if gpu else 0):.2f} | {d.get('peak_rss_mb', 0) / 1024:.2f} | {reverted} |")
+
+
+def main() -> None:
+    runs = []
+    for path in sorted(RESULTS.glob("*.json")):
+        name = path.stem
+        if not (MARKS.search(name) or name in REFERENCE):
+            continue
+        d = json.loads(path.read_text())
+        if "perplexity" in d and "protocol" in d:
+            runs.append(d)
+    print("Protocol cpu-recon-v2 (128 C4 windows of 256 tokens, 13 held out; 2 epochs at batch 1, lr 2e-4; "
+          "WikiText-2 and C4 perplexity on 16 windows of 512 tokens). Sparsity: target / measured over "
+          "the pruned linears (row-wise rounding).\n")
+    print("| run | device | sparsity | OWL | WikiText-2 | C4 | prune s | peak GPU GiB | peak RSS GiB | windows reverted |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for d in sorted(runs, key=lambda d: (d["sparsity"].get("target", 0), d["run"])):
+        print(row(d))
+
+
+if __name__ == "__main__":
+    main()
