@@ -1,4 +1,4 @@
-"""Bytes a run's checkpoint writes, against the saved model's size (protocol checkpoint-bytes-v2).
+"""Bytes a run's checkpoint writes, against the saved model's size (protocol checkpoint-bytes-v3).
 
 Issue 12's target: checkpoint bytes per run of the default model at 128 x 1024 tokens at most 2x the
 saved model's size. Each configuration is one `prunekit prune` of the float32 copy of the default
@@ -10,7 +10,9 @@ after every window, and the two activation streams when a resume would spend 10 
 (checkpoint-bytes-v2; v1 wrote them every 10 minutes of wall time), so the figure depends
 on how long the run takes on the machine (said in the table).
 
-    python bench/checkpoint_bytes.py [NAME:NSAMPLES:SEQLEN:RECON ...]   # bench/results/checkpoint-bytes/checkpoint-bytes-v2.json
+v3 (session 9): pruned weights and masks are stored packed (zeros left out, masks as bits; exact).
+
+    python bench/checkpoint_bytes.py [NAME:NSAMPLES:SEQLEN:RECON ...]   # bench/results/checkpoint-bytes/checkpoint-bytes-v3.json
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "results" / "checkpoint-bytes"
-PROTOCOL = "checkpoint-bytes-v2"  # v1: streams every 10 min of wall time; v2: when their replay would take 10 min
+PROTOCOL = "checkpoint-bytes-v3"  # v1: streams every 10 min of wall time; v2: when their replay would take 10 min; v3: v2 with pruned blocks and masks packed (checkpoint.pack)
 DEFAULT = ["wanda-lr-128x1024:128:1024:lr", "wanda-br-gp-16x128:16:128:br-gp", "wanda-br-gp-cr-16x128:16:128:br-gp-cr"]
 
 
