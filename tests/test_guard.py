@@ -11,7 +11,6 @@ one token and lets the error of every other token rise; the per-token objective 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -123,7 +122,6 @@ def test_warn_keeps_the_harmful_reconstruction_but_the_summary_says_it_is_worse(
 
 
 def test_the_guard_leaves_a_helpful_reconstruction_in_place():
-    dense = sink_model()
     pruned, report = reconstruct(sink_model(), "token-mse", 1e-3, guard="revert")
     g = report.guard
     assert not any(w["worse"] for w in g.windows)
