@@ -14,7 +14,7 @@
 #   run(command="bash bench/gpu_quality.sh b", carry=["bench/work/gpucarry/b"])       # half B, then the runs
 # Part a runs its remaining arguments as a command after parking half A (e.g. bench/gpu_device.sh).
 # Part b writes $OUT/quality.tar (the result JSONs and logs, refreshed after every finished run).
-# Environment: JOBS (runs at once, default 6), DEADLINE_S (seconds from the start of part b after
+# Environment: JOBS (runs at once, default 3: 8 at once shared one H100 badly in session 9), DEADLINE_S (seconds from the start of part b after
 # which no run starts and running ones are stopped; default 420), MIN_RUN_S (a run is not started
 # with less than this left; default 90).
 set -u -o pipefail
@@ -34,7 +34,7 @@ if [ "$PART" = prepare ]; then
   head -c "$half" "$gguf" >"$CARRY/a/gguf.part1"
   tail -c +$((half + 1)) "$gguf" >"$CARRY/b/gguf.part2"
   sha256sum "$gguf" | cut -d' ' -f1 >"$CARRY/b/gguf.sha256"
-  cp -r "$data/wikitext2" "$data/c4" "$CARRY/b/data/"
+  cp -r "$data/wikitext2" "$data/c4" "$data/zeroshot" "$CARRY/b/data/"
   "$PY" -m pip download --quiet --no-deps --dest "$CARRY/b" gguf==0.19.0
   du -sh "$CARRY/a" "$CARRY/b"
   exit 0
@@ -99,6 +99,6 @@ one() {  # one line of the run list: RUN [ARGS...]
 }
 export -f one
 grep -v '^#' "${RUNS_FILE:-bench/gpu_quality_runs.txt}" | grep -v '^ *$' \
-  | xargs -P "${JOBS:-6}" -I{} bash -c 'one {}'
+  | xargs -P "${JOBS:-3}" -I{} bash -c 'one {}'
 pack
 echo "[gpu-quality] done in $(( $(date +%s) - START )) s; $(wc -l <"$PK/newfiles") result files in $OUTDIR/quality.tar"

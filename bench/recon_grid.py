@@ -18,6 +18,7 @@ Protocols (`--protocol`):
 
     python bench/recon_grid.py RUN [--protocol P] [--calib c4|self] [--nsamples N] [--lr X] [--epochs N]
       [--loss L] [--guard G] [--precision fp32|tf32|bf16|auto] [--stream-dtype float32|bfloat16]
+      [--device D] [--sparsity S] [--owl] [--calib-mix F] [--retrain-loss lm|kd] [--lora-rank R] [--zeroshot LIMIT]
       RUN = CRITERION-PRESET, e.g. wanda-br-gp (criteria: magnitude, wanda, sparsegpt;
       presets: lr, br, br-gp, br-gp-cr, attn-mlp-gp, free-lunch)
 Writes bench/results/PROTOCOL/RUN[-calib-N][-lrX][-epochsN][-lossL][-guardG][-precisionP][-streamsD].json (`--print-name` prints that name); the pruned model goes to bench/work/ (ignored).
@@ -94,6 +95,19 @@ def context_perplexity(model_dir: Path, seqlens: list[int], p: dict, data_dir: s
     return out
 
 
+def dense_zeroshot(model_dir: Path, limit: int, p: dict, data_dir: str) -> dict[str, Any]:
+    """The seven-task zero-shot accuracy of the saved model (the first ``limit`` items of each; 0 = all)."""
+    import torch
+
+    from prunekit.config import EvalConfig
+    from prunekit.models import load_model
+    from prunekit.run import run_zeroshot
+
+    model, tok = load_model(str(model_dir), "float32")
+    ev = EvalConfig(eval_tasks="paper", eval_limit=limit, eval_batch_size=8)
+    return run_zeroshot(model, tok, ev, data_dir, torch.device(p["device"])).to_dict()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -113,18 +127,30 @@ def main() -> None:
     ap.add_argument("--calib-mix", type=float, default=0.0, help="fraction of self-generated windows with --calib c4 (named -mixF)")
     ap.add_argument("--retrain-loss", default="lm", help="with the retrain preset: lm | kd (kd is named -retrainkd)")
     ap.add_argument("--lora-rank", type=int, default=0, help="with the retrain or free-lunch preset: masked LoRA of this rank (named -loraN)")
+    ap.add_argument("--zeroshot", type=int, default=None, metavar="LIMIT",
+                    help="also the seven-task zero-shot accuracy (`paper`) on the first LIMIT items of each task, 0 = all (named -zsLIMIT)")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data"))
     ap.add_argument("--print-name", action="store_true", help="print the run's result name and stop (for run_recon_grid.sh)")
     a = ap.parse_args()
-    if a.run == "dense":  # the dense model at the extra window lengths (issue 10)
-        p = PROTOCOLS[a.protocol]
-        name = f"dense-ctx{a.contexts.replace(',', '+')}"
+    if a.run == "dense":  # the dense model at the extra window lengths (issue 10), or its zero-shot accuracy (issue 13)
+        p = dict(PROTOCOLS[a.protocol])
+        name = "dense" + (f"-ctx{a.contexts.replace(',', '+')}" if a.contexts else "")
+        name += f"-zs{a.zeroshot}" if a.zeroshot is not None else ""
+        if a.device is not None and a.device != p["device"]:
+            p["device"] = a.device
+            name += f"-{a.device.replace(':', '')}"
         if a.print_name:
             print(name)
             return
         here = Path(__file__).parent
-        ctx = context_perplexity(dense_copy(here / "work"), [int(x) for x in re.split("[,+]", a.contexts)], p, a.data_dir)
-        write_json(here / "results" / a.protocol / f"{name}.json", {"run": name, "perplexity_by_seqlen": ctx})
+        result: dict[str, Any] = {"run": name, "protocol": {"name": a.protocol, **p}}
+        if a.contexts:
+            result["perplexity_by_seqlen"] = context_perplexity(
+                dense_copy(here / "work"), [int(x) for x in re.split("[,+]", a.contexts)], p, a.data_dir
+            )
+        if a.zeroshot is not None:
+            result["zeroshot"] = dense_zeroshot(dense_copy(here / "work"), a.zeroshot, p, a.data_dir)
+        write_json(here / "results" / a.protocol / f"{name}.json", result)
         return
     criterion, _, preset = a.run.partition("-")
     if criterion not in CRITERIA or preset not in PRESETS:
@@ -158,6 +184,8 @@ def main() -> None:
         name += f"-streams{a.stream_dtype}"
     if a.contexts:
         name += f"-ctx{a.contexts.replace(',', '+')}"
+    if a.zeroshot is not None:
+        name += f"-zs{a.zeroshot}"
     if a.device is not None and a.device != p["device"]:
         p["device"] = a.device
         name += f"-{a.device.replace(':', '')}"
@@ -190,6 +218,8 @@ def main() -> None:
     cfg.eval.eval, cfg.eval.eval_seqlen, cfg.eval.eval_windows, cfg.eval.eval_batch_size = (
         "wikitext2,c4", p["eval_seqlen"], p["eval_windows"], 8,
     )
+    if a.zeroshot is not None:
+        cfg.eval.eval_tasks, cfg.eval.eval_limit = "paper", a.zeroshot
     logging.basicConfig(level=logging.INFO, format="prunekit: %(message)s")
     metrics = run_prune(cfg)
     metrics["sparsity"].pop("per_layer")

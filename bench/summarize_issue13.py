@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "cpu-recon-v2"
-MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix")
+MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix|-zs")
 REFERENCE = ("wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr",
              "wanda-br-gp-losstoken-mse-guardrevert-ctx256+1024")
 
@@ -27,12 +27,14 @@ def row(d: dict) -> str:
     guard = (d.get("reconstruction") or {}).get("guard") or {}
     windows = guard.get("windows") or []
     reverted = f"{sum(w.get('reverted', False) for w in windows)} of {len(windows)}" if windows else "-"
-    ppl = d["perplexity"]
+    ppl = d.get("perplexity") or {}
     t = d.get("timing", {})
     gpu = d.get("peak_gpu_mb")
+    zs = d.get("zeroshot") or {}
+    zs_mean = f"{100 * zs['mean_acc']:.1f} (limit {zs.get('limit') or 'all'})" if zs.get("mean_acc") is not None else "-"
     return (f"| {d['run']} | {d['protocol'].get('device', 'cpu')} | {s.get('target', '-')} / {s.get('overall', 0):.4f} | {owl} | "
-            f"{ppl['wikitext2']:.2f} | {ppl['c4']:.2f} | {t.get('prune_s', 0):.0f} | "
-            f"{(gpu / 1024 if gpu else 0):.2f} | {d.get('peak_rss_mb', 0) / 1024:.2f} | {reverted} |")
+            f"{ppl.get('wikitext2', float('nan')):.2f} | {ppl.get('c4', float('nan')):.2f} | {t.get('prune_s', 0):.0f} | "
+            f"{(gpu / 1024 if gpu else 0):.2f} | {d.get('peak_rss_mb', 0) / 1024:.2f} | {reverted} | {zs_mean} |")
 
 
 def main() -> None:
@@ -42,14 +44,14 @@ def main() -> None:
         if not (MARKS.search(name) or name in REFERENCE):
             continue
         d = json.loads(path.read_text())
-        if "perplexity" in d and "protocol" in d:
+        if "protocol" in d and ("perplexity" in d or "zeroshot" in d):
             runs.append(d)
     print("Protocol cpu-recon-v2 (128 C4 windows of 256 tokens, 13 held out; 2 epochs at batch 1, lr 2e-4; "
           "WikiText-2 and C4 perplexity on 16 windows of 512 tokens). Sparsity: target / measured over "
           "the pruned linears (row-wise rounding).\n")
-    print("| run | device | sparsity | OWL | WikiText-2 | C4 | prune s | peak GPU GiB | peak RSS GiB | windows reverted |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for d in sorted(runs, key=lambda d: (d["sparsity"].get("target", 0), d["run"])):
+    print("| run | device | sparsity | OWL | WikiText-2 | C4 | prune s | peak GPU GiB | peak RSS GiB | windows reverted | zero-shot mean % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for d in sorted(runs, key=lambda d: (d.get("sparsity", {}).get("target", 0), d["run"])):
         print(row(d))
 
 
