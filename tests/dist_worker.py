@@ -60,6 +60,7 @@ def run_case(spec: dict, ranks: dist.Ranks) -> dict | None:
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "units": [(u.unit, u.calib_before, u.calib_after, u.heldout_before, u.heldout_after, u.steps) for u in report.units],
         "guard": None if report.guard is None else report.guard.to_dict(),
+        "retrain": None if report.retrain is None else report.retrain.to_dict(),
     }
 
 

@@ -493,8 +493,6 @@ def _start(
             ranks.check_same(repr(files), "the model's files")
         else:
             ranks.check_same(weights_digest(model), "the model's weights")
-        if rc.retrains:
-            raise PrunekitError("--recon retrain runs on one process; start it without torchrun (or with --nproc-per-node 1)")
         if store.streamed and mode == "block":  # blocks are written when final: all of them reconstructed by now
             if config.parallel == "block":
                 raise PrunekitError("--parallel block writes the blocks only at the end; with --weights stream use --parallel data")
@@ -613,7 +611,8 @@ def _start(
         state.guard.seconds += time.perf_counter() - t
     if rc.retrains:  # reads the dense model (kd teacher, the guard's reference): before any block changes
         run.retrain = Retrain(model, calib_ids, run.train_rows, run.held_rows, rc, bs, device,
-                              precision.stream_dtype(config.stream_dtype))
+                              precision.stream_dtype(config.stream_dtype), run.data_ranks, run.train_offset,
+                              run.train_total, run.local_batches)
     return run, state, streams, e2e
 
 

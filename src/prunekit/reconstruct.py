@@ -337,49 +337,63 @@ class FitData:
         return sums if sums.tokens else None
 
     def batches(self, batch_size: int, gen: torch.Generator) -> list[tuple[torch.Tensor, int]]:
-        """One epoch's shuffled batches: this rank's rows of each and the batch's size over all ranks.
+        """One epoch's shuffled batches: this rank's rows of each and the batch's size over all ranks."""
+        return epoch_batches(self.train_rows, batch_size, gen, self.ranks, self.train_offset, self.train_total,
+                             self.local_batches)
 
-        The permutation is drawn over all training windows with ``gen`` (the same on every rank), so
-        a data-parallel run takes the very batches of the single-process run; each rank computes the
-        part it holds (possibly none) and the gradients are summed.
-        """
-        total = len(self.train_rows) if self.train_total is None else self.train_total
-        if self.ranks.active and self.local_batches:
-            return self._local_batches(batch_size, gen, total)
-        order = torch.randperm(total, generator=gen)
-        out = []
-        lo, hi = self.train_offset, self.train_offset + len(self.train_rows)
-        for b in range(0, total, batch_size):
-            chunk = order[b : b + batch_size]
-            mine = chunk[(chunk >= lo) & (chunk < hi)] - lo
-            out.append((self.train_rows[mine], len(chunk)))
-        return out
 
-    def _local_batches(self, batch_size: int, gen: torch.Generator, total: int) -> list[tuple[torch.Tensor, int]]:
-        """``--dp-batches local``: as many steps as the global batches give, each rank taking an even
-        share of every step from a shuffle of its own windows. Ranks stay balanced (a global batch
-        of 8 on 8 ranks is one window each, not up to three on one of them); the batches differ from
-        the single-process run's as another shuffle would."""
-        world = self.ranks.world
-        seed = int(torch.randint(2**62, (1,), generator=gen))  # the same on every rank, new every epoch
-        mine = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(seed + self.ranks.rank))
-        # the owners of the global sequence of windows, dealt round robin while each rank has some left:
-        # the single-process steps cut this sequence, so every step has the single-process size and
-        # each rank holds an even share of it
-        left = [hi - lo for lo, hi in (Ranks(r, world).split(total) for r in range(world))]
-        owners: list[int] = []
-        while len(owners) < total:
-            for r in range(world):
-                if left[r]:
-                    owners.append(r)
-                    left[r] -= 1
-        out, used = [], 0
-        for b in range(0, total, batch_size):
-            step = owners[b : b + batch_size]
-            share = step.count(self.ranks.rank)
-            out.append((self.train_rows[mine[used : used + share]], len(step)))
-            used += share
-        return out
+def epoch_batches(
+    train_rows: torch.Tensor, batch_size: int, gen: torch.Generator, ranks: Ranks = Ranks(), train_offset: int = 0,
+    train_total: int | None = None, local_batches: bool = False,
+) -> list[tuple[torch.Tensor, int]]:
+    """One epoch's shuffled batches: this rank's rows of each and the batch's size over all ranks.
+
+    The permutation is drawn over all training windows with ``gen`` (the same on every rank), so
+    a data-parallel run takes the very batches of the single-process run; each rank computes the
+    part it holds (possibly none) and the gradients are summed. ``train_rows`` are this rank's
+    windows, the global ones ``train_offset`` to ``train_offset + len(train_rows)`` of ``train_total``.
+    Used by local reconstruction (:class:`FitData`) and end-to-end retraining (:mod:`prunekit.retrain`).
+    """
+    total = len(train_rows) if train_total is None else train_total
+    if ranks.active and local_batches:
+        return _local_batches(train_rows, batch_size, gen, total, ranks)
+    order = torch.randperm(total, generator=gen)
+    out = []
+    lo, hi = train_offset, train_offset + len(train_rows)
+    for b in range(0, total, batch_size):
+        chunk = order[b : b + batch_size]
+        mine = chunk[(chunk >= lo) & (chunk < hi)] - lo
+        out.append((train_rows[mine], len(chunk)))
+    return out
+
+
+def _local_batches(
+    train_rows: torch.Tensor, batch_size: int, gen: torch.Generator, total: int, ranks: Ranks,
+) -> list[tuple[torch.Tensor, int]]:
+    """``--dp-batches local``: as many steps as the global batches give, each rank taking an even
+    share of every step from a shuffle of its own windows. Ranks stay balanced (a global batch
+    of 8 on 8 ranks is one window each, not up to three on one of them); the batches differ from
+    the single-process run's as another shuffle would."""
+    world = ranks.world
+    seed = int(torch.randint(2**62, (1,), generator=gen))  # the same on every rank, new every epoch
+    mine = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + ranks.rank))
+    # the owners of the global sequence of windows, dealt round robin while each rank has some left:
+    # the single-process steps cut this sequence, so every step has the single-process size and
+    # each rank holds an even share of it
+    left = [hi - lo for lo, hi in (Ranks(r, world).split(total) for r in range(world))]
+    owners: list[int] = []
+    while len(owners) < total:
+        for r in range(world):
+            if left[r]:
+                owners.append(r)
+                left[r] -= 1
+    out, used = [], 0
+    for b in range(0, total, batch_size):
+        step = owners[b : b + batch_size]
+        share = step.count(ranks.rank)
+        out.append((train_rows[mine[used : used + share]], len(step)))
+        used += share
+    return out
 
 
 def fit(

@@ -33,6 +33,12 @@ float32 and cast back at the end). Gradient checkpointing (``--gradient-checkpoi
 every block in the backward pass and, for the LM head, chunks of positions, so that the logits of a
 whole batch are never held at once.
 
+Under torchrun (data-parallel, :mod:`prunekit.dist`) every rank holds its share of the windows, as
+in local reconstruction: each step takes the single-process run's batch (:func:`prunekit.reconstruct.epoch_batches`),
+every rank computes its rows of it with its loss weighted by its share, and the gradients are summed
+over ranks, so every rank takes the same steps and ends with the same weights; the held-out loss
+and the guard's measures are summed over ranks.
+
 Compute is counted as local reconstruction counts it (:func:`prunekit.reconstruct._unit_flops`):
 every linear's forward + backward as 3 x 2 x tokens x weights per step (the blocks' linears at
 their dense size, and the LM head), forward-only passes as 2 x tokens x weights (the per-epoch
@@ -59,12 +65,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import precision
 from .config import ReconConfig
+from .dist import Ranks
 from .errors import PrunekitError
 from .hostmem import park
 from .families import Conv1D, Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot
 from .losses import kl_divergence
-from .reconstruct import BestSoFar, Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable
+from .reconstruct import BestSoFar, Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable, epoch_batches
 from .streams import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -160,8 +167,11 @@ class Retrain:
 
     def __init__(
         self, model: nn.Module, ids: torch.Tensor, train_rows: torch.Tensor, held_rows: torch.Tensor, cfg: ReconConfig,
-        batch_size: int, device: torch.device, teacher_dtype: torch.dtype = torch.float32,
+        batch_size: int, device: torch.device, teacher_dtype: torch.dtype = torch.float32, ranks: Ranks = Ranks(),
+        train_offset: int = 0, train_total: int | None = None, local_batches: bool = False,
     ) -> None:
+        """``ids`` are this rank's windows (all of them on one process); data-parallel, ``train_rows``
+        are the global training windows ``train_offset`` on of ``train_total`` (see :class:`prunekit.reconstruct.FitData`)."""
         if ids.shape[1] - 1 - cfg.loss_skip < 1:
             raise PrunekitError(
                 f"--loss-skip {cfg.loss_skip} leaves no position to retrain on in windows of {ids.shape[1]} tokens; lower it or raise --seqlen"
@@ -173,6 +183,7 @@ class Retrain:
         self.batch_size = cfg.recon_batch_size or batch_size  # windows per gradient step
         self.eval_batch_size = batch_size
         self.device = device
+        self.ranks, self.train_offset, self.train_total, self.local_batches = ranks, train_offset, train_total, local_batches
         t = time.perf_counter()
         self.teacher = final_hidden(model, ids, batch_size, device, teacher_dtype) if cfg.retrain_loss == "kd" else None
         self.teacher_flops = 0.0
@@ -182,7 +193,7 @@ class Retrain:
             self.teacher_flops = 2.0 * ids.numel() * weights
         self.e2e = None
         if cfg.guard != "off" and len(held_rows):
-            self.e2e = EndToEnd(model, ids[held_rows], batch_size, device)
+            self.e2e = EndToEnd(model, ids[held_rows], batch_size, device, ranks=ranks)
         self.prepare_s = time.perf_counter() - t
 
     # ------------------------------------------------------------------ losses
@@ -224,14 +235,13 @@ class Retrain:
     @torch.no_grad()
     def _heldout(self, model: nn.Module, readout: Readout) -> float | None:
         """The mean loss per position on the held-out windows (None without held-out windows)."""
-        if not len(self.held_rows):
-            return None
         total, count = 0.0, 0
         for b in range(0, len(self.held_rows), self.eval_batch_size):
             loss, n = self._batch_loss(model, readout, self.held_rows[b : b + self.eval_batch_size])
             total += float(loss)
             count += n
-        return total / max(count, 1)
+        total, count = self.ranks.sum_floats([total, float(count)])
+        return total / count if count else None
 
     # ------------------------------------------------------------------ training
 
@@ -367,40 +377,60 @@ class Retrain:
             )
         return record
 
+    def _step(self, model: nn.Module, readout: Readout, params: list[nn.Parameter], idx: torch.Tensor, count: int) -> torch.Tensor:
+        """The mean loss of one batch of ``count`` positions over all ranks, after its backward pass.
+
+        On one process this is the batch's mean loss. Data-parallel, this rank holds ``idx``, some
+        (possibly none) of the batch's windows: its summed loss over ``count`` is its share of the
+        mean, and summing gradients and losses over ranks gives the single-process step (up to the
+        order of float sums)."""
+        loss = torch.zeros((), device=self.device)
+        if len(idx):
+            total_loss, _ = self._batch_loss(model, readout, idx)
+            loss = total_loss / count  # a mean: the learning rate does not depend on the batch
+            if torch.isfinite(loss) or self.ranks.active:
+                loss.backward()
+        if not self.ranks.active:
+            return loss.detach()
+        for p in params:
+            if p.grad is None:  # no windows here this step: a zero share
+                p.grad = torch.zeros_like(p)
+        total = loss.detach().reshape(1).clone()
+        self.ranks.all_reduce_many_([p.grad for p in params] + [total])
+        return total[0]
+
     def _train(
         self, model: nn.Module, readout: Readout, params: list[nn.Parameter], record: RetrainRecord, seed: int,
         step_flops,
     ) -> bool:
         """The epochs of AdamW steps (linear decay to 0); True when the loss stopped being finite."""
         cfg, device = self.cfg, self.device
-        rows = self.train_rows
-        steps_per_epoch = math.ceil(len(rows) / self.batch_size)
+        total_rows = len(self.train_rows) if self.train_total is None else self.train_total
+        steps_per_epoch = math.ceil(total_rows / self.batch_size)
         total = max(steps_per_epoch * (cfg.epochs or 0), 1)
         opt = _adamw(params, cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
         gen = torch.Generator().manual_seed(seed)
         best = BestSoFar(record.heldout_before, params, cfg.early_stop, cfg.patience, copy_to="cpu")  # the whole model: on the host
         seq = int(self.ids.shape[1])
+        positions = max(seq - 1 - cfg.loss_skip, 1)
         for epoch in range(cfg.epochs or 0):
-            order = rows[torch.randperm(len(rows), generator=gen)]
             losses = []
             with torch.enable_grad():
-                for b in range(0, len(order), self.batch_size):
-                    idx = order[b : b + self.batch_size]
+                for idx, global_size in epoch_batches(self.train_rows, self.batch_size, gen, self.ranks,
+                                                      self.train_offset, self.train_total, self.local_batches):
                     with precision.step(device):  # TF32 for the whole step; bf16 autocasts the forward only
-                        total_loss, count = self._batch_loss(model, readout, idx)
-                        loss = total_loss / max(count, 1)  # a mean: the learning rate does not depend on the batch
-                        if not torch.isfinite(loss):
+                        opt.zero_grad(set_to_none=True)
+                        loss = self._step(model, readout, params, idx, global_size * positions)
+                        if not torch.isfinite(loss):  # the same on every rank: the loss is summed over them
                             log.warning("retraining: non-finite loss at epoch %d", epoch)
                             return True
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
                         opt.step()
                     sched.step()
-                    losses.append(float(loss.detach()))
+                    losses.append(float(loss))
                     record.steps += 1
-                    record.tokens += len(idx) * seq
-                    record.flops += step_flops(len(idx), True)
+                    record.tokens += global_size * seq
+                    record.flops += step_flops(global_size, True)
             record.epochs_run = epoch + 1
             record.loss_curve.append(sum(losses) / len(losses))
             if len(self.held_rows):
