@@ -95,6 +95,14 @@ def context_perplexity(model_dir: Path, seqlens: list[int], p: dict, data_dir: s
     return out
 
 
+def on_device(p: dict, device: str | None) -> str:
+    """Run on ``device`` instead of the protocol's (``p`` is changed); the result name's suffix, e.g. ``-cuda``."""
+    if device is None or device == p["device"]:
+        return ""
+    p["device"] = device
+    return f"-{device.replace(':', '')}"
+
+
 def dense_zeroshot(model_dir: Path, limit: int, p: dict, data_dir: str) -> dict[str, Any]:
     """The seven-task zero-shot accuracy of the saved model (the first ``limit`` items of each; 0 = all)."""
     import torch
@@ -136,9 +144,7 @@ def main() -> None:
         p = dict(PROTOCOLS[a.protocol])
         name = "dense" + (f"-ctx{a.contexts.replace(',', '+')}" if a.contexts else "")
         name += f"-zs{a.zeroshot}" if a.zeroshot is not None else ""
-        if a.device is not None and a.device != p["device"]:
-            p["device"] = a.device
-            name += f"-{a.device.replace(':', '')}"
+        name += on_device(p, a.device)
         if a.print_name:
             print(name)
             return
@@ -186,9 +192,7 @@ def main() -> None:
         name += f"-ctx{a.contexts.replace(',', '+')}"
     if a.zeroshot is not None:
         name += f"-zs{a.zeroshot}"
-    if a.device is not None and a.device != p["device"]:
-        p["device"] = a.device
-        name += f"-{a.device.replace(':', '')}"
+    name += on_device(p, a.device)
     if a.print_name:
         print(name)
         return

@@ -646,6 +646,13 @@ def _step_loss(
         if ranks.active:
             loss = loss * (len(idx) / global_size)
         loss.backward()
+    return sum_over_ranks(loss, params, ranks)
+
+
+def sum_over_ranks(loss: torch.Tensor, params: list[nn.Parameter], ranks: Ranks) -> torch.Tensor:
+    """After this rank's backward pass of its share of a step: gradients and loss summed over ranks
+    (a parameter this rank's rows did not reach counts as a zero share); ``loss`` itself on one process.
+    Used by local reconstruction (:func:`_step_loss`) and end-to-end retraining (:mod:`prunekit.retrain`)."""
     if not ranks.active:
         return loss
     for p in params:

@@ -71,7 +71,7 @@ from .hostmem import park
 from .families import Conv1D, Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot
 from .losses import kl_divergence
-from .reconstruct import BestSoFar, Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable, epoch_batches
+from .reconstruct import BestSoFar, Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable, epoch_batches, sum_over_ranks
 from .streams import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ class Retrain:
         batch_size: int, device: torch.device, teacher_dtype: torch.dtype = torch.float32, ranks: Ranks = Ranks(),
         train_offset: int = 0, train_total: int | None = None, local_batches: bool = False,
     ) -> None:
-        """``ids`` are this rank's windows (all of them on one process); data-parallel, ``train_rows``
-        are the global training windows ``train_offset`` on of ``train_total`` (see :class:`prunekit.reconstruct.FitData`)."""
+        """``ids`` are this rank's windows (all of them on one process) and ``train_rows`` index them;
+        data-parallel, they are the global training windows ``train_offset`` to ``train_offset +
+        len(train_rows)`` of ``train_total`` (as in :class:`prunekit.reconstruct.FitData`)."""
         if ids.shape[1] - 1 - cfg.loss_skip < 1:
             raise PrunekitError(
                 f"--loss-skip {cfg.loss_skip} leaves no position to retrain on in windows of {ids.shape[1]} tokens; lower it or raise --seqlen"
@@ -388,16 +389,9 @@ class Retrain:
         if len(idx):
             total_loss, _ = self._batch_loss(model, readout, idx)
             loss = total_loss / count  # a mean: the learning rate does not depend on the batch
-            if torch.isfinite(loss) or self.ranks.active:
+            if torch.isfinite(loss) or self.ranks.active:  # data-parallel, every rank joins the sum below
                 loss.backward()
-        if not self.ranks.active:
-            return loss.detach()
-        for p in params:
-            if p.grad is None:  # no windows here this step: a zero share
-                p.grad = torch.zeros_like(p)
-        total = loss.detach().reshape(1).clone()
-        self.ranks.all_reduce_many_([p.grad for p in params] + [total])
-        return total[0]
+        return sum_over_ranks(loss.detach(), params, self.ranks)
 
     def _train(
         self, model: nn.Module, readout: Readout, params: list[nn.Parameter], record: RetrainRecord, seed: int,
