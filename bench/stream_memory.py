@@ -13,6 +13,8 @@ streams at most 25% of the model's size, and a result that plain transformers re
    ``getrusage`` of that child; the baseline is the RSS of a process that imported torch,
    transformers and prunekit and did nothing else. "Above streams" subtracts the activation
    streams a run keeps (4 copies of 8 x 128 x 2048 float32 = 32 MiB).
+   The target is a share of the 16-block 1B model (3.50 GiB), for BR+GP too: a streamed run's host
+   memory does not depend on the number of blocks, so 2 blocks of the same width measure it.
 3. The streamed output is reloaded with plain ``AutoModelForCausalLM.from_pretrained`` and its
    weights compared with the in-memory run's output (they must be identical).
 
@@ -158,12 +160,14 @@ def main() -> None:
     }
     (OUT / f"{PROTOCOL}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# {PROTOCOL} ({result['date']}, {result['machine']})", "",
-             "| model | recon | weights | model size | peak RSS | above baseline + streams | share of model | s | same as memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | recon | weights | model size | peak RSS | above baseline + streams | share of model | "
+             "share of the 16-block 1B model (target <= 25%) | s | same as memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    full = weight_bytes(models["llama-1b"])  # the target is a share of the 1B model, also for BR+GP on 2 of its blocks
     for r in rows:
         lines.append(f"| {r['model']} | {r['recon']} | {r['weights']} | {r['model_bytes'] / 2**30:.2f} GiB | "
                      f"{r['peak_rss'] / 2**30:.2f} GiB | {r['above_streams'] / 2**30:.2f} GiB | {r['share_of_model']:.0%} | "
-                     f"{r['seconds']:.0f} | {r.get('identical_to_memory', '')} |")
+                     f"{r['above_streams'] / full:.0%} | {r['seconds']:.0f} | {r.get('identical_to_memory', '')} |")
     (OUT / f"{PROTOCOL}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -314,3 +314,65 @@ def test_counted_flops_are_the_linears_forward_backward_plus_heldout_forward():
         per_token = 2 * numel[u.unit]
         expected = cfg.recon.epochs * (3 * per_token * train_tokens + per_token * held * CALIB.shape[1])
         assert u.flops == pytest.approx(expected), u.unit
+
+
+def _trained_unit(stepper: str, lean: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """A tiny MLP unit trained 2 epochs with one of the two step loops; its weights and the most
+    gradients that existed at once during any backward pass."""
+    from prunekit.reconstruct import _StepAfterBackward, _StepInBackward, _adam
+    import prunekit.reconstruct as R
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(12, 20), torch.nn.Linear(20, 6)
+    seq = torch.nn.Sequential(a, torch.nn.GELU(), b)
+    masks = {"a": torch.rand(20, 12) > 0.5, "b": torch.rand(6, 20) > 0.5}
+    unit = Unit("mlp", [seq], {"a": a, "b": b}, Point(seq), Point(seq, True), seq)
+    x, y = torch.randn(8, 5, 12), torch.randn(8, 5, 6)
+    data = FitData(x, y, torch.arange(6), torch.arange(6, 8), 2, torch.device("cpu"), lean=lean)
+    most = [0]
+
+    def count(_p):
+        most[0] = max(most[0], sum(p.grad is not None for p in seq.parameters()))
+
+    hooks = [p.register_post_accumulate_grad_hook(count) for p in seq.parameters()]
+    chosen = {"in": _StepInBackward, "after": _StepAfterBackward}[stepper]
+    orig = (R._StepAfterBackward, R._StepInBackward)
+    R._StepAfterBackward = R._StepInBackward = chosen  # type: ignore[misc]
+    try:
+        cfg = ReconConfig(recon="br", epochs=2, lr=1e-2)
+        record = R.UnitRecord("mlp", 0.0, 0.0, None, None)
+        assert not _adam(unit, masks, data, cfg, 7, R.Objective("mse"), record, lambda rows: 1.0, None)
+    finally:
+        R._StepAfterBackward, R._StepInBackward = orig
+        for h in hooks:
+            h.remove()
+    assert all(p.grad is None for p in seq.parameters())
+    return {k: v.clone() for k, v in seq.state_dict().items()}, most[0]
+
+
+def test_stepping_in_backward_equals_one_step_over_all_parameters_and_frees_each_gradient():
+    """Issue 12: AdamW applied per parameter inside the backward pass gives the same weights to the
+    bit as one AdamW step after it, while never more than one gradient exists at a time."""
+    after, most_after = _trained_unit("after")
+    inside, most_inside = _trained_unit("in")
+    lean, _ = _trained_unit("in", lean=True)  # bool hold masks multiplied in chunks: the same products
+    for k in after:
+        assert after[k].numpy().tobytes() == inside[k].numpy().tobytes() == lean[k].numpy().tobytes(), k
+    assert most_after == 4 and most_inside == 1  # two weights and two biases: all of them vs one
+
+
+def test_bool_mask_multiply_in_chunks_equals_the_float_multiply(monkeypatch):
+    """The lean path's chunked bool-to-float multiply (prunekit.reconstruct.mask_) gives the bytes of
+    a float multiply, -0.0 included, on a transposed (Conv1D-style) mask and chunks that split rows."""
+    import prunekit.reconstruct as R
+
+    monkeypatch.setattr(R, "_CHUNK", 7)  # fewer elements than one row: one row per chunk
+    for shape, transposed in (((9, 13), False), ((13, 9), True), ((3, 40), False)):
+        t = torch.randn(*shape)
+        mask = torch.rand(*(shape[::-1] if transposed else shape)) > 0.5
+        mask = mask.t() if transposed else mask
+        ref, got = t.clone(), t.clone()
+        ref.mul_(mask.float())
+        R.mask_(got, mask)
+        assert got.numpy().tobytes() == ref.numpy().tobytes()
+        assert (got[~mask] == 0).all() and torch.equal(got[mask], t[mask])

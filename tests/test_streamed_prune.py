@@ -228,3 +228,65 @@ def test_cli_streaming_refusals_are_one_line(model_dir, word_text, tmp_path, cap
     assert "model.safetensors" in one_error_line(capsys)
     assert _cli(model_dir, word_text, tmp_path / "d", "--weights", "sometimes") == 2
     one_error_line(capsys, "unknown weights")
+
+
+def test_streamed_training_holds_no_dense_copy_nor_snapshot_in_ram(tmp_path, monkeypatch):
+    """Issue 12's host-memory budget: while a streamed unit trains, the window's dense copy has left
+    RAM (meta parameters, re-read from the shards afterwards), the guard's masks-only snapshot is a
+    file, and the hold masks are the run's bool masks; the result stays the in-memory run's."""
+    import prunekit.pipeline as P
+    from prunekit.blockstore import SpilledStates
+
+    seen = {"fits": 0}
+    evicted: list[torch.nn.Module] = []
+    spills: list[SpilledStates] = []
+    orig_evict, orig_held, orig_fit = StreamedBlocks.evict_dense, StreamedBlocks.held, P.fit
+
+    def evict(self, j, dense):
+        orig_evict(self, j, dense)
+        evicted.append(dense)
+
+    def held(self):
+        spills.append(orig_held(self))
+        return spills[-1]
+
+    def fit(unit, masks, data, *a, **k):
+        assert data.lean
+        assert evicted and all(p.is_meta for p in evicted[-1].parameters())
+        assert len(spills[-1]) == 1 and list(spills[-1].dir.iterdir())  # on disk while training
+        seen["fits"] += 1
+        return orig_fit(unit, masks, data, *a, **k)
+
+    monkeypatch.setattr(StreamedBlocks, "evict_dense", evict)
+    monkeypatch.setattr(StreamedBlocks, "held", held)
+    monkeypatch.setattr(P, "fit", fit)
+    model = make_tiny_model("llama", layers=3)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="20KB")
+    cfg = _cfg("br-gp", "wanda")
+    _streamed(src, tmp_path / "out", cfg, lr_dir=tmp_path / "lr")
+    assert seen["fits"] == 3
+    assert not any(p.is_meta for d in evicted for p in d.parameters())  # reloaded after each fit
+    assert not any(s.dir.exists() for s in spills)  # the spill files are removed after each window
+    monkeypatch.setattr(P, "fit", orig_fit)
+    prunekit.prune(model, None, cfg, calib_ids=CALIB, progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    ref, got = model.state_dict(), out.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_spilled_states_round_trip_to_the_bit_and_clean_up(tmp_path):
+    from prunekit.blockstore import SpilledStates
+
+    s = SpilledStates(tmp_path / "ck")
+    state = {"w": torch.tensor([[-0.0, 1.5], [float("nan"), 2.0]]), "b": torch.arange(3, dtype=torch.bfloat16)}
+    s[4] = state
+    back = s[4]
+    assert back.keys() == state.keys()
+    assert all(back[k].dtype == state[k].dtype and back[k].view(torch.uint8).equal(state[k].view(torch.uint8)) for k in state)
+    assert list(s) == [4] and len(s) == 1 and 3 not in s
+    del s[4]
+    assert not list(s.dir.iterdir())
+    s[1] = state
+    s.clear()
+    assert not s.dir.exists() and len(s) == 0

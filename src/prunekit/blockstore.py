@@ -14,16 +14,22 @@ source for the block-by-block evaluation (:mod:`prunekit.blockwalk`).
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
+import weakref
+from collections.abc import MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from safetensors.torch import load_file, save_file
 
 import torch
 from torch import nn
 
 from .checkpoint import Checkpointer
 from .families import Readout, discover
-from .hostmem import park
+from .hostmem import park, return_freed_memory
 from .shards import ShardReader, ShardWriter, StreamedModel
 
 
@@ -72,6 +78,16 @@ class InMemoryBlocks:
         """Block ``j``'s masks-only weights for the guard's end-to-end check; False: the caller keeps them."""
         return False
 
+    def held(self) -> MutableMapping[int, dict[str, torch.Tensor]]:
+        """Where the driver keeps block states it may need again (the guard's masks-only snapshots): here in RAM."""
+        return {}
+
+    def evict_dense(self, j: int, dense: nn.Module) -> None:
+        """While a unit trains, block ``j``'s dense copy may leave host memory: here it stays."""
+
+    def reload_dense(self, j: int, dense: nn.Module) -> None:
+        """Block ``j``'s dense copy back after :meth:`evict_dense` (here it never left)."""
+
     @contextmanager
     def stems(self) -> Iterator[None]:
         """The modules before the blocks, for capturing block 0's inputs (here they are always loaded)."""
@@ -111,6 +127,7 @@ class StreamedBlocks:
         self._live: set[int] = set()  # materialised blocks
         self.written: set[int] = set()  # blocks in the output shards
         self._head = False
+        return_freed_memory()  # streaming is chosen to bound host memory: freed buffers go back to the OS
 
     def open(self, j: int, device: torch.device) -> nn.Module:
         if j not in self._live:
@@ -157,6 +174,24 @@ class StreamedBlocks:
         if self.lr_writer is not None:  # written beside the block when it is final; else not kept (no check)
             self._lr[j] = state
         return True
+
+    def held(self) -> MutableMapping[int, dict[str, torch.Tensor]]:
+        """Block states on disk, read back on each access: the guard's snapshot of a window costs no
+        RAM while the window trains (one block's worth less at the peak)."""
+        return SpilledStates(self.lr_dir.parent if self.lr_dir else None)
+
+    def evict_dense(self, j: int, dense: nn.Module) -> None:
+        """Block ``j``'s dense copy leaves memory while a unit trains (its outputs were taken); it is
+        re-read from the input shards by :meth:`reload_dense`, as issue 12 asks of dense copies."""
+        for m in dense.modules():  # parameters only: buffers (rotary tables) are not in the shards
+            for name, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                       requires_grad=p.requires_grad)
+
+    def reload_dense(self, j: int, dense: nn.Module) -> None:
+        if any(p.is_meta for p in dense.parameters()):
+            dense.load_state_dict(self.sm.read(j, "cpu"), strict=False, assign=True)
 
     def persist(self, j: int) -> bool:
         """Final block ``j`` goes to the output shards now (the output is the checkpoint of finished
@@ -237,6 +272,45 @@ class StreamedBlocks:
         self.writer.add(self.sm.save_state("head"))
         self.sm.release("head")
         self._head = False
+
+
+class SpilledStates(MutableMapping):
+    """Block states (``{index: state_dict}``) written to a safetensors file each when stored and read
+    back on each access, so they take no RAM in between. The files live in a temporary directory
+    (under ``base``, the run's checkpoint directory) removed by :meth:`clear` or when the object goes."""
+
+    def __init__(self, base: str | Path | None = None) -> None:
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="spill-", dir=base))
+        self._keys: set[int] = set()
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+
+    def _path(self, j: int) -> Path:
+        return self.dir / f"{j}.safetensors"
+
+    def __setitem__(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(self._path(j)))
+        self._keys.add(j)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        if j not in self._keys:
+            raise KeyError(j)
+        return load_file(str(self._path(j)))
+
+    def __delitem__(self, j: int) -> None:
+        self._keys.remove(j)
+        self._path(j).unlink()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._cleanup()
 
 
 class ShardWeights:

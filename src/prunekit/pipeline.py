@@ -697,7 +697,9 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         state.lr_next.update({j: snapshot(run.blocks[j]) for j in idx})
     if guard is not None:  # the window's masks-only weights and their held-out error
         tg = time.perf_counter()
-        snap = {j: state.lr_next[j] if j in state.lr_next else snapshot(run.blocks[j]) for j in idx}
+        snap = run.store.held()  # streaming: on disk while the window trains
+        for j in idx:
+            snap[j] = state.lr_next[j] if j in state.lr_next else snapshot(run.blocks[j])
         reference = collect(dwin, state.dense_stream, Point(dwin.blocks[-1], post=True), run.held_rows, bs)
         err_lr = token_error(collect(win, state.sparse, Point(win.blocks[-1], post=True), run.held_rows, bs), reference, ranks)
         guard.seconds += time.perf_counter() - tg
@@ -713,16 +715,18 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         else:
             targets = _apply(dunit.forward, inputs, bs, run.device, run.allocate)
         data = FitData(inputs, targets, run.train_rows, run.held_rows, bs, run.device, ranks, run.train_offset, run.train_total,
-                       run.local_batches, state.report.heldout_windows if ranks.active else None)
+                       run.local_batches, state.report.heldout_windows if ranks.active else None, run.store.streamed)
         held = snap if guard is not None else state.lr_next if run.independent else None
         restore_before = None
         if held is not None and [id(m) for m in unit.modules] == [id(b) for b in win.blocks]:  # the unit is the window
             restore_before = lambda held=held: [restore(run.blocks[j], held[j]) for j in idx]  # noqa: E731
-        for block in dwin.blocks:  # the dense blocks wait on the host while the unit trains: their outputs
-            park(block)  # are taken (a GPU block-size less at the peak; no-op on a CPU)
+        for j, block in zip(idx, dwin.blocks):  # the dense blocks wait on the host while the unit trains:
+            park(block)  # their outputs are taken (a GPU block-size less at the peak; no-op on a CPU);
+            run.store.evict_dense(j, block)  # streaming: not even there (re-read from the shards after)
         record = fit(unit, window_masks, data, rc, run.seed * 100_003 + idx[0], run.objective, restore_before)
-        if u + 1 < len(units):  # the next unit's inputs or targets come from the dense blocks
-            for block in dwin.blocks:
+        for j, block in zip(idx, dwin.blocks):
+            run.store.reload_dense(j, block)
+            if u + 1 < len(units):  # the next unit's inputs or targets come from the dense blocks
                 block.to(run.device)
         state.report.units.append(record)
         if record.note:
@@ -745,6 +749,7 @@ def _reconstruct(run: _Run, state: RunState, win: Window, idx: list[int], k: int
         for j in idx:  # masks-only weights for the end-to-end check (streaming: on disk beside the output)
             if not run.store.keep_lr(j, snap[j]):
                 state.lr_states[j] = snap[j]
+        snap.clear()  # streaming: the files go
         del reference, snap
         guard.seconds += time.perf_counter() - tg
     state.recon_s += time.perf_counter() - t

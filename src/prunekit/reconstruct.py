@@ -187,25 +187,120 @@ def _hold_masks(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> list[Any]:
     product cost about as much as the matmuls of the MLP weights it multiplies.
     """
     hooks = []
+    buf = _ChunkBuffer()
     with torch.no_grad():
         for w, mask in pairs:
-            w.mul_(mask)
-            hooks.append(w.register_post_accumulate_grad_hook(_grad_masker(mask)))
+            mask_(w, mask, buf)
+            hooks.append(w.register_post_accumulate_grad_hook(_grad_masker(mask, buf)))
     return hooks
 
 
-def _hold_dtype(device: torch.device | str) -> torch.dtype:
-    """The dtype of the masks that hold pruned weights at zero (the products are the same either way):
-    on a CPU float32, whose multiply is faster than a bool-to-float one; on a GPU bool, a quarter of
-    the memory (0.6 GB less for a LLaMA-7B block, whose BR+GP peaked at 6.8 GiB in bf16 on an H100)."""
-    return torch.bool if torch.device(device).type == "cuda" else torch.float32
+def _hold_dtype(device: torch.device | str, lean: bool = False) -> torch.dtype:
+    """The dtype of the masks that hold pruned weights at zero (the products are the same either way).
+
+    On a GPU bool, a quarter of the memory (0.6 GB less for a LLaMA-7B block, whose BR+GP peaked at
+    6.8 GiB in bf16 on an H100). On a CPU float32, whose multiply is about 8x faster than a
+    bool-to-float one, unless host memory is what limits the run (``lean``: weights streamed from
+    disk): then bool, the boolean masks the run holds anyway (no copy), multiplied in chunks."""
+    return torch.bool if lean or torch.device(device).type == "cuda" else torch.float32
 
 
-def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], None]:
+class _ChunkBuffer:
+    """One scratch buffer of at least ``_CHUNK`` elements (and one row), shared by a unit's mask multiplies."""
+
+    def __init__(self) -> None:
+        self.t: torch.Tensor | None = None
+
+    def get(self, dtype: torch.dtype, row: int) -> torch.Tensor:
+        if self.t is None or self.t.dtype != dtype or self.t.numel() < row:
+            self.t = torch.empty(max(_CHUNK, row), dtype=dtype)
+        return self.t
+
+
+_CHUNK = 1 << 20  # elements per bool-to-float chunk (4 MiB of float32)
+
+
+def mask_(t: torch.Tensor, mask: torch.Tensor, buf: _ChunkBuffer | None = None) -> None:
+    """``t.mul_(mask)``. A bool mask on a CPU is converted to ``t``'s dtype a few rows at a time in a
+    scratch buffer (a mixed bool-float multiply there is ~8x slower than a float one; converting the
+    whole mask would cost the memory a bool mask saves). The products are the same either way."""
+    if mask.dtype != torch.bool or t.device.type != "cpu" or t.dim() != 2:
+        t.mul_(mask)
+        return
+    scratch = (buf or _ChunkBuffer()).get(t.dtype, t.shape[1])
+    rows = max(1, scratch.numel() // max(1, t.shape[1]))
+    for r in range(0, t.shape[0], rows):
+        part = t[r : r + rows]
+        m = scratch[: part.numel()].view(part.shape)
+        m.copy_(mask[r : r + rows])
+        part.mul_(m)
+
+
+def _grad_masker(mask: torch.Tensor, buf: _ChunkBuffer | None = None) -> Callable[[torch.Tensor], None]:
     def hook(p: torch.Tensor) -> None:
-        p.grad.mul_(mask)
+        mask_(p.grad, mask, buf)
 
     return hook
+
+
+class _StepInBackward:
+    """AdamW applied to each parameter as soon as its gradient is complete, then the gradient freed
+    (PyTorch's "optimizer step in backward" recipe, ``register_post_accumulate_grad_hook``).
+
+    Only one parameter's gradient exists at a time instead of the whole unit's: a block's worth of
+    memory less at the peak (0.19 GiB for a 1B model's block on the host, 0.8 GB for a LLaMA-7B
+    block in float32 on a GPU). AdamW is elementwise and each parameter has its own state, so this
+    is the same arithmetic as one step over all parameters: the weights are identical to the bit.
+    One optimizer and one linear-decay schedule per parameter, all at the same step. Not with
+    data parallelism, whose gradients must first be summed over ranks.
+    """
+
+    def __init__(self, params: list[nn.Parameter], lr: float, total: int) -> None:
+        self.opts = [_adamw([p], lr) for p in params]
+        self.scheds = [_decay(o, total) for o in self.opts]
+        self.hooks = [p.register_post_accumulate_grad_hook(self._stepper(o)) for p, o in zip(params, self.opts)]
+
+    @staticmethod
+    def _stepper(opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            opt.step()
+            p.grad = None
+
+        return hook
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear: each gradient is freed by its own step."""
+
+    def step(self) -> None:
+        """Every parameter was stepped during the backward pass."""
+
+    def sched_step(self) -> None:
+        for s in self.scheds:
+            s.step()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class _StepAfterBackward:
+    """The plain loop: one AdamW over all parameters, stepped after the backward pass (data parallel)."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, total: int) -> None:
+        self.opt = _adamw(params, lr)
+        self.sched = _decay(self.opt, total)
+        self.zero_grad, self.step = self.opt.zero_grad, self.opt.step
+
+    def sched_step(self) -> None:
+        self.sched.step()
+
+    def remove(self) -> None:
+        pass
+
+
+def _decay(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear decay of the learning rate to zero over ``total`` steps (Rethinking paper, Appendix A)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
 
 
 class _MaskedLoRA(nn.Module):
@@ -324,6 +419,7 @@ class FitData:
     train_total: int | None = None  # data-parallel: training windows over all ranks (default: this rank's)
     local_batches: bool = False  # data-parallel: each rank draws its share of every batch from its own windows
     heldout_total: int | None = None  # data-parallel: held-out windows over all ranks
+    lean: bool = False  # host memory limits the run (weights streamed): bool hold masks on a CPU too
 
     def measure(
         self, forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, objective: Objective | None = None,
@@ -560,7 +656,9 @@ def _adam(
             parametrize.register_parametrization(lin, "weight", p)
     float_state = {}
     grad_masks: list[tuple[nn.Parameter, torch.Tensor]] = []
-    hooks = []
+    hooks: list[Any] = []
+    params: list[nn.Parameter] = []
+    opt: _StepInBackward | _StepAfterBackward | None = None
     try:
         for m in unit.modules:  # train in float32 (fp32 master weights, Rethinking paper)
             for p in m.parameters():
@@ -569,17 +667,16 @@ def _adam(
                     p.data = p.data.float()
         if not cfg.lora_rank:
             for name, lin in lin_items:
-                grad_masks.append((lin.weight, _oriented(lin, masks[name].to(device, _hold_dtype(device)))))
+                grad_masks.append((lin.weight, _oriented(lin, masks[name].to(device, _hold_dtype(device, data.lean)))))
         params = _trainable(unit, cfg)
         chosen = {id(p) for p in params}
         for m in unit.modules:
             for p in m.parameters():
                 p.requires_grad_(id(p) in chosen)
-        hooks = _hold_masks(grad_masks)
+        hooks = _hold_masks(grad_masks)  # registered first: a gradient is masked before it is stepped
         steps_per_epoch = math.ceil((data.train_total or len(train_rows)) / batch_size)
         total = steps_per_epoch * cfg.epochs
-        opt = _adamw(params, cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+        opt = (_StepAfterBackward if data.ranks.active else _StepInBackward)(params, cfg.lr, total)
         gen = torch.Generator().manual_seed(seed)
         best = BestSoFar(crit_before, params, cfg.early_stop, cfg.patience)
         tokens = int(inputs.shape[1]) if inputs.dim() > 2 else 1
@@ -593,8 +690,8 @@ def _adam(
                         loss = _step_loss(unit, params, objective, inputs, targets, idx, global_size, device, ranks)
                         if not torch.isfinite(loss):  # data-parallel: the summed loss, the same verdict on every rank
                             raise FloatingPointError(f"{unit.name}: non-finite loss at epoch {epoch}")
-                        opt.step()
-                    sched.step()
+                        opt.step()  # stepping in backward: done already
+                    opt.sched_step()
                     losses.append(float(loss.detach()))
                     record.steps += 1
                     record.flops += _unit_flops(unit, global_size * tokens)
@@ -614,9 +711,14 @@ def _adam(
     finally:
         for h in hooks:
             h.remove()
+        if opt is not None:
+            opt.remove()
         with torch.no_grad():
+            buf = _ChunkBuffer()
             for w, mask in grad_masks:  # exact already (see _hold_masks); this makes it unconditional
-                w.mul_(mask)
+                mask_(w, mask, buf)
+            for p in params:  # a step that raised (non-finite loss) may leave gradients behind
+                p.grad = None
         if cfg.lora_rank:
             for _name, lin in lin_items:
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
