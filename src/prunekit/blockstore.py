@@ -178,7 +178,8 @@ class StreamedBlocks:
     def held(self) -> MutableMapping[int, dict[str, torch.Tensor]]:
         """Block states on disk, read back on each access: the guard's snapshot of a window costs no
         RAM while the window trains (one block's worth less at the peak)."""
-        return SpilledStates(self.lr_dir.parent if self.lr_dir else None)
+        # beside the checkpoint; a following rank (data-parallel) leaves rank 0's directory alone: system temp
+        return SpilledStates(self.lr_dir.parent if self.lr_dir and self.lr_writer is not None else None)
 
     def evict_dense(self, j: int, dense: nn.Module) -> None:
         """Block ``j``'s dense copy leaves memory while a unit trains (its outputs were taken); it is
