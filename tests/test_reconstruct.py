@@ -376,3 +376,17 @@ def test_bool_mask_multiply_in_chunks_equals_the_float_multiply(monkeypatch):
         R.mask_(got, mask)
         assert got.numpy().tobytes() == ref.numpy().tobytes()
         assert (got[~mask] == 0).all() and torch.equal(got[mask], t[mask])
+
+
+def test_step_in_backward_where_memory_is_the_limit():
+    """A CPU run with the model in RAM keeps the one fused step (faster there); a streamed (lean)
+    run steps in the backward pass; so does a GPU run (checked by device type, no GPU needed)."""
+    from prunekit.reconstruct import _steps_in_backward
+
+    x = torch.zeros(2, 3, 4)
+    data = FitData(x, x, torch.arange(2), torch.arange(0), 1, torch.device("cpu"))
+    assert not _steps_in_backward(data)
+    data.lean = True
+    assert _steps_in_backward(data)
+    data.lean, data.device = False, torch.device("cuda")
+    assert _steps_in_backward(data)

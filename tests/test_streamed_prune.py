@@ -236,6 +236,7 @@ def test_streamed_training_holds_no_dense_copy_nor_snapshot_in_ram(tmp_path, mon
     file, and the hold masks are the run's bool masks; the result stays the in-memory run's."""
     import prunekit.pipeline as P
     from prunekit.blockstore import SpilledStates
+    from prunekit.reconstruct import _steps_in_backward
 
     seen = {"fits": 0}
     evicted: list[torch.nn.Module] = []
@@ -251,7 +252,7 @@ def test_streamed_training_holds_no_dense_copy_nor_snapshot_in_ram(tmp_path, mon
         return spills[-1]
 
     def fit(unit, masks, data, *a, **k):
-        assert data.lean
+        assert data.lean and _steps_in_backward(data)
         assert evicted and all(p.is_meta for p in evicted[-1].parameters())
         assert len(spills[-1]) == 1 and list(spills[-1].dir.iterdir())  # on disk while training
         seen["fits"] += 1
