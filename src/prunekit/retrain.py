@@ -71,7 +71,7 @@ from .hostmem import park
 from .families import Conv1D, Layout, Readout, discover, weight_matrix
 from .guard import EndToEnd, GuardReport, restore, snapshot
 from .losses import kl_divergence
-from .reconstruct import BestSoFar, Point, Unit, _adamw, _hold_masks, _MaskedLoRA, _oriented, _trainable, epoch_batches, sum_over_ranks
+from .reconstruct import BestSoFar, Point, Unit, _adamw, _decay, _hold_masks, _MaskedLoRA, _oriented, _trainable, epoch_batches, sum_over_ranks
 from .streams import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ class Retrain:
         steps_per_epoch = math.ceil(total_rows / self.batch_size)
         total = max(steps_per_epoch * (cfg.epochs or 0), 1)
         opt = _adamw(params, cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+        sched = _decay(opt, total)
         gen = torch.Generator().manual_seed(seed)
         best = BestSoFar(record.heldout_before, params, cfg.early_stop, cfg.patience, copy_to="cpu")  # the whole model: on the host
         seq = int(self.ids.shape[1])
