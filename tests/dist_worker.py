@@ -52,7 +52,8 @@ def run_case(spec: dict, ranks: dist.Ranks) -> dict | None:
     try:
         model, report = prune(model, None, config_from(config), calib_ids=ids, progress=False, ranks=ranks,
                               checkpoint=ckpt, on_window=on_window)
-    except Stop:
+    except Stop:  # the others stop at the same window (a rank that left early would take its pending sends along)
+        ranks.barrier()
         return None
     except PrunekitError as e:
         return {"error": str(e)}
@@ -87,6 +88,7 @@ def run_streamed(spec: dict, ranks: dist.Ranks) -> dict:
         _, report = prune(sm.model, None, config_from(spec["config"]), calib_ids=ids, progress=False, ranks=ranks,
                           store=store, checkpoint=ckpt, on_window=on_window)
     except Stop:
+        ranks.barrier()
         return None
     if not ranks.main:
         return {}

@@ -179,6 +179,40 @@ def test_data_parallel_run_resumes_to_the_same_model(tmp_path, two_ranks):
     assert resumed["units"] == two_ranks["wanda-br-gp"]["units"]
 
 
+def test_block_parallel_run_resumes_to_the_sequential_model(tmp_path, two_ranks):
+    """Block-parallel with a checkpoint: rank 1 hands each block it reconstructed to rank 0 as soon as
+    it is final, so rank 0's checkpoint after window 1 holds block 1 as rank 1 trained it (and, at
+    --checkpoint-every 0, the streams). Interrupted there and resumed on 2 ranks, the run ends with
+    the uninterrupted one's model, records and guard verdicts: the sequential run's."""
+    spec = {**CASES["free-lunch"], "config": {**CASES["free-lunch"]["config"], "checkpoint_every": 0},
+            "layers": 4, "checkpoint": str(tmp_path / "ckpt")}
+    first = _torchrun(tmp_path, {"run": {**spec, "stop_after": 1}})
+    assert first["run"] is None and list((tmp_path / "ckpt").glob("streams.*"))
+    saved = Checkpointer(tmp_path / "ckpt", "x", 2).load()
+    assert saved["window"] == 1 and [u["unit"].split()[1] for u in saved["report"]["units"]][-1] == "1"  # rank 1's block
+    resumed = _torchrun(tmp_path, {"run": spec})["run"]
+    ref = two_ranks["free-lunch"]
+    for k, v in ref["state"].items():
+        assert torch.equal(resumed["state"][k], v), k
+    assert resumed["units"] == ref["units"]
+    assert resumed["guard"]["windows"] == ref["guard"]["windows"]
+
+
+def test_streamed_block_parallel_run_is_the_sequential_model(tmp_path):
+    """--weights stream in block-parallel mode: rank 0 writes each block to the output shards when it
+    is final, rank 1's blocks included (they reach rank 0 when rank 1 finishes them); the saved
+    model is the sequential run's, and the guard's end-to-end check compares the same models."""
+    spec = {**CASES["free-lunch"], "layers": 4}
+    state, units = _single(spec)
+    make_tiny_model("llama", seed=0, layers=4).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    paths = {"src": str(tmp_path / "src"), "out": str(tmp_path / "out"), "lr": str(tmp_path / "lr")}
+    got = _torchrun(tmp_path, {"run": {**spec, "stream": paths}})["run"]
+    for k, v in state.items():
+        assert torch.equal(got["state"][k], v), k
+    assert got["units"] == units
+    assert got["guard"]["end_to_end"]["compared"]
+
+
 def _fit_data(rank: int, world: int, total: int, local: bool) -> FitData:
     lo, hi = Ranks(rank, world).split(total)
     x = torch.zeros(hi - lo + 1, 1)

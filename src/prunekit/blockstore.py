@@ -29,7 +29,7 @@ from torch import nn
 
 from .checkpoint import Checkpointer
 from .families import Readout, discover
-from .hostmem import park, return_freed_memory
+from .hostmem import park, return_freed_memory, trim_heap
 from .shards import ShardReader, ShardWriter, StreamedModel
 
 
@@ -153,6 +153,7 @@ class StreamedBlocks:
             self._write(j)
             self.sm.release(j)
             self._live.discard(j)
+            trim_heap()  # host memory must not grow with the number of blocks (hostmem.trim_heap)
 
     def _write(self, j: int) -> None:
         if j in self.written:

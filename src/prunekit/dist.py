@@ -15,7 +15,9 @@ Two modes (:func:`choose_mode`):
   N times the calibration data for the same memory per rank.
 - **block-parallel** (settings whose units read the dense model's inputs and fit local targets,
   e.g. ``free-lunch``): units are independent of each other's reconstruction, so each rank
-  reconstructs a disjoint set of blocks on all the windows and rank 0 gathers them. Settings with
+  reconstructs a disjoint set of blocks on all the windows and sends each to rank 0 as soon as it
+  is final (:meth:`Ranks.send`, without waiting), so rank 0 checkpoints and writes the model as a
+  single process does; the other ranks get every block at the end. Settings with
   sparse inputs or global targets (GP, CR) must see the blocks before them *reconstructed*, which is
   a chain over blocks: they stay sequential over blocks and use data parallelism instead.
 
@@ -57,6 +59,7 @@ class Traffic:
     all_reduce_bytes: int = 0
     all_reduce_calls: int = 0
     broadcast_bytes: int = 0
+    sent_bytes: int = 0  # point to point (block-parallel: finished blocks to rank 0)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
@@ -148,6 +151,56 @@ class Ranks:
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src, device=self.comm_device)
         return box[0]
+
+    def send(self, tensors: list[torch.Tensor], obj: Any, dst: int, tag: int) -> list[tuple[Any, torch.Tensor]]:
+        """Start sending ``obj`` (pickled) and ``tensors`` to rank ``dst``; returns the pending sends.
+
+        The sender goes on at once and may change ``tensors`` (they are copied: a block's weights are
+        swapped for its masks-only ones while the streams pass it); the returned list holds the
+        transfers and their buffers, and must be kept until :meth:`wait` says they are done. ``tag`` tells one message from
+        the next between the same two ranks (the receiver passes the same one to :meth:`receive`).
+        """
+        import pickle
+
+        import torch.distributed as dist
+
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        parts = [torch.tensor([data.numel()], dtype=torch.int64), data, *tensors]
+        pending: list[tuple[Any, torch.Tensor]] = []
+        for i, t in enumerate(parts):
+            buf = t.detach().to(self.comm_device, copy=True).contiguous()  # a copy: the caller may change t at once
+            TRAFFIC.sent_bytes += buf.numel() * buf.element_size()
+            pending.append((dist.isend(buf, dst, tag=(tag << 12) + i), buf))
+        return pending
+
+    @staticmethod
+    def wait(pending: list[Any]) -> None:
+        """Wait until the transfers :meth:`send` started are done (their buffers may then go)."""
+        t0 = time.perf_counter()
+        for work, _ in pending:
+            work.wait()
+        pending.clear()
+        TRAFFIC.seconds += time.perf_counter() - t0
+
+    def receive(self, tensors: list[torch.Tensor], src: int, tag: int) -> Any:
+        """Receive what rank ``src`` sent with :meth:`send` and the same ``tag``: ``tensors`` are
+        overwritten in place (same shapes and dtypes as the sender's), the object is returned."""
+        import pickle
+
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        size = torch.zeros(1, dtype=torch.int64, device=self.comm_device)
+        dist.recv(size, src, tag=tag << 12)
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.comm_device)
+        dist.recv(data, src, tag=(tag << 12) + 1)
+        for i, t in enumerate(tensors):
+            buf = t if t.device == self.comm_device and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=self.comm_device)
+            dist.recv(buf, src, tag=(tag << 12) + 2 + i)
+            if buf is not t:
+                t.copy_(buf)
+        TRAFFIC.seconds += time.perf_counter() - t0
+        return pickle.loads(data.cpu().numpy().tobytes())
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""

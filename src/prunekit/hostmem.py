@@ -110,3 +110,19 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):
         return False
+
+
+def trim_heap() -> bool:
+    """Give the free pages inside glibc's heaps back to the OS (``malloc_trim``); False without glibc.
+
+    Buffers below the mmap threshold (activations of a batch, per-row statistics) are served from the
+    heap, and freed ones leave holes that later, differently sized requests may not reuse. Measured on
+    the streamed 1B benchmark (LR, 16 blocks): in some processes resident memory grew by about 35 MB a
+    block this way (1.14 GiB of heap at the end instead of 0.47; which processes depends on the order
+    Python's string hashing gives to sets, i.e. on PYTHONHASHSEED). Called once a block is final in
+    runs that stream weights from disk; it costs milliseconds.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

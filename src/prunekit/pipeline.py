@@ -32,7 +32,6 @@ reconstructs its own blocks and they are gathered after the loop.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Callable
 from dataclasses import asdict, dataclass, field
@@ -415,6 +414,7 @@ def prune(
     ranks.barrier()  # every rank has read the checkpoint before rank 0 writes the next window's
     desc = f"pruning ({config.sparsity.method}{', ' + recon_label(vars(rc)) if rc.trains else ''})"
     bar = tqdm(plan, desc=desc, unit="window" if rc.window > 1 else "block", disable=not progress, initial=state.window)
+    sending: list = []  # block-parallel: this rank's finished blocks on their way to rank 0
     for k, (lo, hi) in enumerate(plan):
         if k < state.window:
             continue
@@ -422,18 +422,22 @@ def prune(
         _advance(run, state, lo)
         win = _open_window(run, state, idx)
         _choose_masks(run, state, win, idx)
+        made = _Made.of(state)
         if (rc.trains or rc.measures) and (run.mode != "block" or ranks.owns_block(idx[0])):
             _reconstruct(run, state, win, idx, k)
         elif run.independent:  # block-parallel, another rank's block: its masks-only weights, for the sparse stream
             state.lr_next.update({j: snapshot(run.blocks[j]) for j in idx})
         _verify(run, state, idx)
-        if checkpoint is not None and ranks.main and run.mode != "block":
+        if run.mode == "block" and (rc.trains or rc.measures):
+            _hand_over(run, state, idx, k, made, sending)
+        if checkpoint is not None and ranks.main:
             next_lo = plan[k + 1][0] if k + 1 < len(plan) else len(run.blocks)
             state.save(checkpoint, k, run.store, idx, next_lo, None if run.mode == "data" else config.checkpoint_every * 60)
         bar.update(1)
         if on_window is not None:
             on_window(k)
     bar.close()
+    Ranks.wait(sending)
     for j in range(state.pos, len(run.blocks)):
         run.store.finish(j)
     streams.close()
@@ -455,7 +459,7 @@ def prune(
         if e2e is None:
             state.guard.conclude(None, None, False, "the masks-only weights of the streamed blocks were not kept")
         elif run.store.streamed:
-            _end_to_end_streamed(run.store, e2e, state.guard, rc.guard, run.device, run.data_ranks)
+            _end_to_end_streamed(run.store, e2e, state.guard, rc.guard, run.device, ranks)
         else:
             _end_to_end(model, run.blocks, state.lr_states, e2e, state.guard, rc.guard)
         state.guard.seconds += time.perf_counter() - t
@@ -493,10 +497,6 @@ def _start(
             ranks.check_same(repr(files), "the model's files")
         else:
             ranks.check_same(weights_digest(model), "the model's weights")
-        if store.streamed and mode == "block":  # blocks are written when final: all of them reconstructed by now
-            if config.parallel == "block":
-                raise PrunekitError("--parallel block writes the blocks only at the end; with --weights stream use --parallel data")
-            mode = "data"
         log.info("%d ranks (%s), %s-parallel", ranks.world, ranks.backend, mode)
     device = resolve_device(config.device)
     layout = discover(model)
@@ -583,9 +583,6 @@ def _start(
         allocate=streams.empty, seed=config.calib.seed, store=store,
         ranks=ranks, mode=mode, train_offset=train_offset, train_total=train_total, local_batches=config.dp_batches == "local",
     )
-    if mode == "block" and (checkpoint is not None or store.streamed):
-        report.notes.append("block-parallel: windows are not checkpointed (each rank holds only its own blocks' "
-                            "reconstruction until the end); an interrupted run starts again")
     state = RunState(
         report=report, sparse=sparse, dense_stream=streams.like(sparse) if needs_dense_stream else None,
         guard=GuardReport(rc.guard) if guarded else None, keep_masks=rc.retrains,
@@ -830,32 +827,83 @@ def _end_to_end(
 def _end_to_end_streamed(store: StreamedBlocks, e2e: EndToEnd, guard: GuardReport, mode: str, device: torch.device,
                          ranks: Ranks = Ranks()) -> None:
     """:func:`_end_to_end` for a streamed run: both models walked block by block from what was written
-    (the other ranks of a data-parallel run read what rank 0 committed)."""
+    (the other ranks read what rank 0 committed, once it has: ``ranks`` are all of them)."""
     store.commit()
     ranks.barrier()
     final_src = store.written_source(device)
     final = e2e.measure(final_src.sm.model, final_src)
     lr_src = store.written_source(device, lr=True)
     lr = e2e.measure(lr_src.sm.model, lr_src)
+    ranks.barrier()  # every rank has read both before rank 0 moves on to finish (and remove) the files
     worse = not final.kl <= lr.kl
     store.revert = worse and mode == "revert"
     guard.conclude(final, lr, store.revert, None)
 
 
+@dataclass(frozen=True)
+class _Made:
+    """How many unit records, notes and guard verdicts the report held before a window: what the
+    window added is what follows (block-parallel: what the owner hands to rank 0 with its blocks)."""
+
+    units: int
+    notes: int
+    guard: int
+
+    @staticmethod
+    def of(state: RunState) -> "_Made":
+        return _Made(len(state.report.units), len(state.report.notes), len(state.guard.windows) if state.guard else 0)
+
+
+def _hand_over(run: _Run, state: RunState, idx: list[int], k: int, made: _Made, sending: list) -> None:
+    """Block-parallel: the window's blocks go from the rank that reconstructed them to rank 0 as soon
+    as they are final, with the window's unit records and guard verdict.
+
+    Rank 0 then holds the reconstructed model up to the window, as a single process would: it can
+    write the checkpoint after every window (a resume on the same number of ranks continues from
+    it) and, with weights streamed from disk, write each block to the output shards when final.
+    The owner goes on at once (the transfer completes in the background); the blocks' masks-only
+    weights stay rank 0's copies for the sparse stream and the guard's end-to-end check.
+    """
+    ranks = run.ranks
+    owner = idx[0] % ranks.world
+    if owner == 0 or not (ranks.main or ranks.rank == owner):
+        return
+    tensors = [t for j in idx for t in run.blocks[j].state_dict().values()]
+    if ranks.rank == owner:
+        guard = state.guard.windows[made.guard:] if state.guard is not None else []
+        sending += ranks.send(tensors, (state.report.units[made.units:], state.report.notes[made.notes:], guard), 0, k)
+        return
+    if state.guard is not None:
+        for j in idx:
+            if not run.store.keep_lr(j, state.lr_next[j]):
+                state.lr_states[j] = state.lr_next[j]
+    with torch.no_grad():
+        units, notes, guard = ranks.receive(tensors, owner, k)
+    for j in idx:  # what this rank pruned (the same masks on every rank) must still be zero
+        for name, linear in run.layout.block_linears(j).items():
+            if weight_matrix(linear)[~state.masks[j][f"{run.prefix}.{j}.{name}"].to(torch.bool)].any():
+                raise PrunekitError(f"block {j} came back from rank {owner} with pruned weights of {name} that are not zero")
+    state.report.units += units
+    state.report.notes += [n for n in notes if n not in state.report.notes]
+    if state.guard is not None:
+        state.guard.windows += guard
+
+
 def _gather_blocks(run: _Run, state: RunState) -> None:
     """Block-parallel: every rank receives the blocks the others reconstructed, and their records.
 
-    Each block goes from its owner (block ``j``: rank ``j % world``) to every rank in a broadcast
-    per tensor, so all ranks end with the sequential run's model. Before that, the masks-only
-    weights of the blocks this rank did not reconstruct are what it holds: they become its copies
-    for the guard's end-to-end check.
+    Rank 0 received each block when it was final (:func:`_hand_over`); the others get them here, each
+    from its owner (block ``j``: rank ``j % world``) in a broadcast per tensor, so all ranks end with
+    the sequential run's model. Before that, the masks-only weights of the blocks a rank did not
+    reconstruct are what it holds: they become its copies for the guard's end-to-end check. With
+    weights streamed from disk rank 0 has written every block already, and no rank holds them.
     """
     ranks = run.ranks
-    if state.guard is not None:
+    if state.guard is not None and not run.store.streamed:
         for j in range(len(run.blocks)):
             if not ranks.owns_block(j) and j not in state.lr_states:
                 state.lr_states[j] = snapshot(run.blocks[j])
-    for j in range(len(run.blocks)):
+    for j in range(len(run.blocks) if not run.store.streamed else 0):
         owner = j % ranks.world
         linears = run.layout.block_linears(j)
         pruned = {n: weight_matrix(m) == 0 for n, m in linears.items()} if owner != ranks.rank else {}
@@ -865,26 +913,14 @@ def _gather_blocks(run: _Run, state: RunState) -> None:
         for n, zero in pruned.items():  # what this rank pruned (the same masks everywhere) must still be zero
             if weight_matrix(linears[n])[zero].any():
                 raise PrunekitError(f"block {j} came back from rank {owner} with pruned weights of {n} that are not zero")
-    parts = ranks.gather_objects({
-        "units": state.report.units, "notes": state.report.notes,
-        "guard": state.guard.windows if state.guard is not None else [],
-        "recon_s": state.recon_s,
-        "guard_s": state.guard.seconds if state.guard is not None else 0.0,
-    })
-    report = state.report
-    report.units = [u for p in parts for u in p["units"]]
-    report.units.sort(key=lambda u: _block_of(u.unit))  # stable: a block's units keep their order
-    report.notes = list(dict.fromkeys(n for p in parts for n in p["notes"]))
+    report = state.report  # rank 0's records are every window's, in window order (a resumed rank's are too)
+    report.units, report.notes, windows = ranks.broadcast_object(
+        (report.units, report.notes, state.guard.windows if state.guard is not None else []))
+    parts = ranks.gather_objects({"recon_s": state.recon_s, "guard_s": state.guard.seconds if state.guard is not None else 0.0})
     state.recon_s = max(p["recon_s"] for p in parts)  # ranks work at once: the longest one is the run's time
     if state.guard is not None:
-        state.guard.windows = sorted((w for p in parts for w in p["guard"]), key=lambda w: w["window"])
+        state.guard.windows = windows
         state.guard.seconds = max(p["guard_s"] for p in parts)
-
-
-def _block_of(unit_name: str) -> int:
-    """A unit record's first block: the first number in its name ("block 3 mlp", "model.layers.3.mlp.up_proj")."""
-    found = re.search(r"\d+", unit_name)
-    return int(found.group()) if found else -1
 
 
 def _numel(model: nn.Module, name: str) -> int:
