@@ -881,7 +881,8 @@ def _hand_over(run: _Run, state: RunState, idx: list[int], k: int, made: _Made, 
         units, notes, guard = ranks.receive(tensors, owner, k)
     for j in idx:  # what this rank pruned (the same masks on every rank) must still be zero
         for name, linear in run.layout.block_linears(j).items():
-            if weight_matrix(linear)[~state.masks[j][f"{run.prefix}.{j}.{name}"].to(torch.bool)].any():
+            w = weight_matrix(linear)
+            if w[~state.masks[j][f"{run.prefix}.{j}.{name}"].to(device=w.device, dtype=torch.bool)].any():
                 raise PrunekitError(f"block {j} came back from rank {owner} with pruned weights of {name} that are not zero")
     state.report.units += units
     state.report.notes += [n for n in notes if n not in state.report.notes]
