@@ -55,15 +55,16 @@ def main(specs: list[str]) -> None:
         rows = [r for r in rows if r["name"] != name] + [{
             "name": name, "recon": recon, "nsamples": int(n), "seqlen": int(seqlen), "checkpoint_bytes": metrics["checkpoint_bytes"],
             "model_bytes": size, "ratio": metrics["checkpoint_bytes"] / size, "prune_s": metrics["timing"]["prune_s"],
+            "threads": int(os.environ.get("OMP_NUM_THREADS") or 0) or None, "date": datetime.date.today().isoformat(),
         }]
         print(json.dumps(rows[-1]), flush=True)
     result = {"protocol": PROTOCOL, "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} CPU cores",
-              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "rows": rows}
+              "rows": rows}  # threads (OMP_NUM_THREADS) and date are per row: rows come from different sessions
     path.write_text(json.dumps(result, indent=1))
-    lines = ["| run | calibration | checkpoint bytes | saved model | ratio | prune time |", "|---|---|---|---|---|---|"]
+    lines = ["| run | calibration | checkpoint bytes | saved model | ratio | prune time | threads |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['nsamples']} x {r['seqlen']} | {r['checkpoint_bytes'] / 2**20:.0f} MiB | "
-                     f"{r['model_bytes'] / 2**20:.0f} MiB | {r['ratio']:.2f}x | {r['prune_s'] / 60:.1f} min |")
+                     f"{r['model_bytes'] / 2**20:.0f} MiB | {r['ratio']:.2f}x | {r['prune_s'] / 60:.1f} min | {r.get('threads') or '-'} |")
     (OUT / f"{PROTOCOL}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
