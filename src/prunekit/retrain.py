@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from . import precision
 from .config import ReconConfig
@@ -398,7 +399,7 @@ class Retrain:
         step_flops,
     ) -> bool:
         """The epochs of AdamW steps (linear decay to 0); True when the loss stopped being finite."""
-        cfg, device = self.cfg, self.device
+        cfg = self.cfg
         total_rows = len(self.train_rows) if self.train_total is None else self.train_total
         steps_per_epoch = math.ceil(total_rows / self.batch_size)
         total = max(steps_per_epoch * (cfg.epochs or 0), 1)
@@ -408,6 +409,23 @@ class Retrain:
         best = BestSoFar(record.heldout_before, params, cfg.early_stop, cfg.patience, copy_to="cpu")  # the whole model: on the host
         seq = int(self.ids.shape[1])
         positions = max(seq - 1 - cfg.loss_skip, 1)
+        # the whole model's steps take minutes to hours on a CPU: one bar over all of them (rank 0's; see run.py)
+        bar = tqdm(total=total, desc=f"retraining ({cfg.retrain_loss})", unit="step", leave=False)
+        try:
+            stopped = self._epochs(model, readout, params, record, opt, sched, gen, best, positions, seq, step_flops, bar)
+        finally:
+            bar.close()
+        if stopped:
+            return True
+        epoch_kept = best.restore()
+        if epoch_kept is not None:
+            record.best_epoch = epoch_kept
+        return False
+
+    def _epochs(self, model: nn.Module, readout: Readout, params: list[nn.Parameter], record: RetrainRecord, opt, sched,
+                gen: torch.Generator, best: BestSoFar, positions: int, seq: int, step_flops, bar) -> bool:
+        """_train's epoch loop; True when the loss stopped being finite (early stopping just ends it)."""
+        cfg, device = self.cfg, self.device
         for epoch in range(cfg.epochs or 0):
             losses = []
             with torch.enable_grad():
@@ -425,6 +443,8 @@ class Retrain:
                     record.steps += 1
                     record.tokens += global_size * seq
                     record.flops += step_flops(global_size, True)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4g}", refresh=False)
             record.epochs_run = epoch + 1
             record.loss_curve.append(sum(losses) / len(losses))
             if len(self.held_rows):
@@ -435,7 +455,4 @@ class Retrain:
                     return True
                 if best.update(h, epoch):
                     break
-        epoch_kept = best.restore()
-        if epoch_kept is not None:
-            record.best_epoch = epoch_kept
         return False
