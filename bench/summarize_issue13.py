@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "cpu-recon-v2"
-MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix|-zs")
+MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix|-zs|^wanda-br-gp")
 REFERENCE = ("wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr",
              "wanda-br-gp-losstoken-mse-guardrevert-ctx256+1024")
 
@@ -37,6 +37,52 @@ def row(d: dict) -> str:
             f"{(gpu / 1024 if gpu else 0):.2f} | {d.get('peak_rss_mb', 0) / 1024:.2f} | {reverted} | {zs_mean} |")
 
 
+FREE_LUNCH = re.compile(r"^wanda-(lr|free-lunch|attn-mlp-gp|br-gp|br-gp-cr|retrain)(-|$)")
+DENSE_WIKI = "dense"
+
+
+def training_compute(d: dict) -> tuple[float, float]:
+    """(FLOPs, seconds) spent training: local reconstruction's units, or retraining (with its teacher)."""
+    rt = d.get("retrain") or {}
+    if rt:
+        return rt.get("flops", 0.0) + rt.get("teacher_flops", 0.0), rt.get("seconds", 0.0)
+    r = d.get("reconstruction") or {}
+    c = r.get("compute") or {}
+    units = r.get("units") or []
+    flops = c.get("flops") or sum(u.get("flops", 0.0) for u in units)
+    seconds = c.get("train_s") or sum(u.get("seconds", 0.0) for u in units)
+    return flops, seconds
+
+
+def free_lunch_table(runs: list[dict]) -> None:
+    """Issue 13, part 1: local reconstruction against end-to-end retraining at 50% (Wanda), with the
+    compute each spent training, as a multiple of free-lunch's (the paper's 'local' setting)."""
+    rows = [d for d in runs if FREE_LUNCH.match(d["run"]) and d.get("sparsity", {}).get("target") == 0.5
+            and d["protocol"].get("device", "cpu") == "cpu" and "perplexity" in d and "-zs" not in d["run"]]
+    if not rows:
+        return
+    base = next((training_compute(d)[0] for d in rows if d["run"].startswith("wanda-free-lunch")), 0.0) or None
+    dense = json.loads((RESULTS / f"{DENSE_WIKI}.json").read_text())["perplexity"] if (RESULTS / f"{DENSE_WIKI}.json").is_file() else {}
+    lr = next((d["perplexity"] for d in rows if d["run"] == "wanda-lr"), None)
+    print("\n### The Free Lunch comparison (Wanda 50%, C4 calibration, CPU)\n")
+    print("Training compute: the FLOPs of the gradient steps (forward + backward; retraining adds its teacher's "
+          "forward passes for kd), as counted by prunekit; 'x free-lunch' divides by the free-lunch run's. "
+          "Gap closed: share of the LR -> dense WikiText-2 gap.\n")
+    print("| run | WikiText-2 | C4 | gap closed (WikiText-2) | training TFLOP | x free-lunch | training s | prune s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for d in sorted(rows, key=lambda d: d["run"]):
+        flops, secs = training_compute(d)
+        ppl = d["perplexity"]
+        gap = "-"
+        if lr and dense.get("wikitext2"):
+            gap = f"{100 * (lr['wikitext2'] - ppl['wikitext2']) / (lr['wikitext2'] - dense['wikitext2']):.0f}%"
+        ratio = f"{flops / base:.2f}" if base and flops else "-"
+        print(f"| {d['run']} | {ppl['wikitext2']:.2f} | {ppl['c4']:.2f} | {gap} | {flops / 1e12:.1f} | {ratio} | "
+              f"{secs:.0f} | {d.get('timing', {}).get('prune_s', 0):.0f} | {d.get('peak_rss_mb', 0) / 1024:.2f} |")
+    if dense:
+        print(f"| dense | {dense['wikitext2']:.2f} | {dense['c4']:.2f} | 100% | - | - | - | - | - |")
+
+
 def main() -> None:
     runs = []
     for path in sorted(RESULTS.glob("*.json")):
@@ -53,6 +99,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for d in sorted(runs, key=lambda d: (d.get("sparsity", {}).get("target", 0), d["run"])):
         print(row(d))
+    free_lunch_table(runs)
 
 
 if __name__ == "__main__":
