@@ -879,15 +879,23 @@ def _hand_over(run: _Run, state: RunState, idx: list[int], k: int, made: _Made, 
                 state.lr_states[j] = state.lr_next[j]
     with torch.no_grad():
         units, notes, guard = ranks.receive(tensors, owner, k)
-    for j in idx:  # what this rank pruned (the same masks on every rank) must still be zero
-        for name, linear in run.layout.block_linears(j).items():
-            w = weight_matrix(linear)
-            if w[~state.masks[j][f"{run.prefix}.{j}.{name}"].to(device=w.device, dtype=torch.bool)].any():
-                raise PrunekitError(f"block {j} came back from rank {owner} with pruned weights of {name} that are not zero")
+    for j in idx:
+        linears = run.layout.block_linears(j)
+        _check_still_pruned(j, owner, linears, {
+            n: ~state.masks[j][f"{run.prefix}.{j}.{n}"].to(device=weight_matrix(m).device, dtype=torch.bool)
+            for n, m in linears.items()})
     state.report.units += units
     state.report.notes += [n for n in notes if n not in state.report.notes]
     if state.guard is not None:
         state.guard.windows += guard
+
+
+def _check_still_pruned(j: int, owner: int, linears: dict[str, nn.Module], pruned: dict[str, torch.Tensor]) -> None:
+    """Block ``j``, received from rank ``owner``, must still be zero where this rank pruned it
+    (``pruned``: a bool tensor per linear; every rank chose the same masks)."""
+    for name, zero in pruned.items():
+        if weight_matrix(linears[name])[zero].any():
+            raise PrunekitError(f"block {j} came back from rank {owner} with pruned weights of {name} that are not zero")
 
 
 def _gather_blocks(run: _Run, state: RunState) -> None:
@@ -911,9 +919,7 @@ def _gather_blocks(run: _Run, state: RunState) -> None:
         with torch.no_grad():
             for t in run.blocks[j].state_dict().values():
                 ranks.broadcast_(t, owner)
-        for n, zero in pruned.items():  # what this rank pruned (the same masks everywhere) must still be zero
-            if weight_matrix(linears[n])[zero].any():
-                raise PrunekitError(f"block {j} came back from rank {owner} with pruned weights of {n} that are not zero")
+        _check_still_pruned(j, owner, linears, pruned)
     report = state.report  # rank 0's records are every window's, in window order (a resumed rank's are too)
     report.units, report.notes, windows = ranks.broadcast_object(
         (report.units, report.notes, state.guard.windows if state.guard is not None else []))
