@@ -399,7 +399,7 @@ class Retrain:
         step_flops,
     ) -> bool:
         """The epochs of AdamW steps (linear decay to 0); True when the loss stopped being finite."""
-        cfg = self.cfg
+        cfg, device = self.cfg, self.device
         total_rows = len(self.train_rows) if self.train_total is None else self.train_total
         steps_per_epoch = math.ceil(total_rows / self.batch_size)
         total = max(steps_per_epoch * (cfg.epochs or 0), 1)
@@ -410,49 +410,37 @@ class Retrain:
         seq = int(self.ids.shape[1])
         positions = max(seq - 1 - cfg.loss_skip, 1)
         # the whole model's steps take minutes to hours on a CPU: one bar over all of them (rank 0's; see run.py)
-        bar = tqdm(total=total, desc=f"retraining ({cfg.retrain_loss})", unit="step", leave=False)
-        try:
-            stopped = self._epochs(model, readout, params, record, opt, sched, gen, best, positions, seq, step_flops, bar)
-        finally:
-            bar.close()
-        if stopped:
-            return True
+        with tqdm(total=total, desc=f"retraining ({cfg.retrain_loss})", unit="step", leave=False) as bar:
+            for epoch in range(cfg.epochs or 0):
+                losses = []
+                with torch.enable_grad():
+                    for idx, global_size in epoch_batches(self.train_rows, self.batch_size, gen, self.ranks,
+                                                          self.train_offset, self.train_total, self.local_batches):
+                        with precision.step(device):  # TF32 for the whole step; bf16 autocasts the forward only
+                            opt.zero_grad(set_to_none=True)
+                            loss = self._step(model, readout, params, idx, global_size * positions)
+                            if not torch.isfinite(loss):  # the same on every rank: the loss is summed over them
+                                log.warning("retraining: non-finite loss at epoch %d", epoch)
+                                return True
+                            opt.step()
+                        sched.step()
+                        losses.append(float(loss))
+                        record.steps += 1
+                        record.tokens += global_size * seq
+                        record.flops += step_flops(global_size, True)
+                        bar.update(1)
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4g}", refresh=False)
+                record.epochs_run = epoch + 1
+                record.loss_curve.append(sum(losses) / len(losses))
+                if len(self.held_rows):
+                    h = self._heldout(model, readout)
+                    record.flops += step_flops(len(self.held_rows), False)
+                    record.heldout_curve.append(h)
+                    if not math.isfinite(h):
+                        return True
+                    if best.update(h, epoch):
+                        break
         epoch_kept = best.restore()
         if epoch_kept is not None:
             record.best_epoch = epoch_kept
-        return False
-
-    def _epochs(self, model: nn.Module, readout: Readout, params: list[nn.Parameter], record: RetrainRecord, opt, sched,
-                gen: torch.Generator, best: BestSoFar, positions: int, seq: int, step_flops, bar) -> bool:
-        """_train's epoch loop; True when the loss stopped being finite (early stopping just ends it)."""
-        cfg, device = self.cfg, self.device
-        for epoch in range(cfg.epochs or 0):
-            losses = []
-            with torch.enable_grad():
-                for idx, global_size in epoch_batches(self.train_rows, self.batch_size, gen, self.ranks,
-                                                      self.train_offset, self.train_total, self.local_batches):
-                    with precision.step(device):  # TF32 for the whole step; bf16 autocasts the forward only
-                        opt.zero_grad(set_to_none=True)
-                        loss = self._step(model, readout, params, idx, global_size * positions)
-                        if not torch.isfinite(loss):  # the same on every rank: the loss is summed over them
-                            log.warning("retraining: non-finite loss at epoch %d", epoch)
-                            return True
-                        opt.step()
-                    sched.step()
-                    losses.append(float(loss))
-                    record.steps += 1
-                    record.tokens += global_size * seq
-                    record.flops += step_flops(global_size, True)
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4g}", refresh=False)
-            record.epochs_run = epoch + 1
-            record.loss_curve.append(sum(losses) / len(losses))
-            if len(self.held_rows):
-                h = self._heldout(model, readout)
-                record.flops += step_flops(len(self.held_rows), False)
-                record.heldout_curve.append(h)
-                if not math.isfinite(h):
-                    return True
-                if best.update(h, epoch):
-                    break
         return False
