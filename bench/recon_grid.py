@@ -18,7 +18,7 @@ Protocols (`--protocol`):
 
     python bench/recon_grid.py RUN [--protocol P] [--calib c4|self] [--nsamples N] [--lr X] [--epochs N]
       [--loss L] [--guard G] [--precision fp32|tf32|bf16|auto] [--stream-dtype float32|bfloat16]
-      [--device D] [--sparsity S] [--owl] [--calib-mix F] [--retrain-loss lm|kd] [--lora-rank R] [--zeroshot LIMIT]
+      [--device D] [--sparsity S] [--owl] [--calib-mix F] [--retrain-loss lm|kd] [--retrain-nsamples N] [--lora-rank R] [--zeroshot LIMIT]
       RUN = CRITERION-PRESET, e.g. wanda-br-gp (criteria: magnitude, wanda, sparsegpt;
       presets: lr, br, br-gp, br-gp-cr, attn-mlp-gp, free-lunch)
 Writes bench/results/PROTOCOL/RUN[-calib-N][-lrX][-epochsN][-lossL][-guardG][-precisionP][-streamsD].json (`--print-name` prints that name); the pruned model goes to bench/work/ (ignored).
@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity at the paper's M and lambda (named -owl)")
     ap.add_argument("--calib-mix", type=float, default=0.0, help="fraction of self-generated windows with --calib c4 (named -mixF)")
     ap.add_argument("--retrain-loss", default="lm", help="with the retrain preset: lm | kd (kd is named -retrainkd)")
+    ap.add_argument("--retrain-nsamples", type=int, default=0,
+                    help="with the retrain preset: train on this many fresh C4 windows, e.g. 10x the local runs' (named -rnN)")
     ap.add_argument("--lora-rank", type=int, default=0, help="with the retrain or free-lunch preset: masked LoRA of this rank (named -loraN)")
     ap.add_argument("--zeroshot", type=int, default=None, metavar="LIMIT",
                     help="also the seven-task zero-shot accuracy (`paper`) on the first LIMIT items of each task, 0 = all (named -zsLIMIT)")
@@ -173,6 +175,8 @@ def main() -> None:
         name += "-owl"
     if a.retrain_loss != "lm":
         name += f"-retrain{a.retrain_loss}"
+    if a.retrain_nsamples:
+        name += f"-rn{a.retrain_nsamples}"
     if a.lora_rank:
         name += f"-lora{a.lora_rank}"
     if a.lr is not None:
@@ -216,7 +220,7 @@ def main() -> None:
         r.lr = a.lr
     r.guard, r.lora_rank = a.guard, a.lora_rank
     if preset == "retrain":  # end-to-end training has its own objective (--retrain-loss), not a local loss
-        r.retrain_loss = a.retrain_loss
+        r.retrain_loss, r.retrain_nsamples = a.retrain_loss, a.retrain_nsamples
     else:
         r.loss = a.loss
     cfg.eval.eval, cfg.eval.eval_seqlen, cfg.eval.eval_windows, cfg.eval.eval_batch_size = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from prunekit.config import PruneConfig, RunConfig, set_leaf
 from prunekit.errors import PrunekitError
 from prunekit.families import discover
 from prunekit.models import load_model
+from prunekit.pipeline import calibration_ids, retrain_windows
 
 HELD = 0.25  # of 16 windows: the last 4 are held out
 
@@ -198,6 +200,8 @@ def test_the_guard_judges_retraining_end_to_end(mode):
     ({"solver": "lstsq", "granularity": "matrix"}, "--solver lstsq"),
     ({"loss": "kd"}, "--retrain-loss"),
     ({"recon": "br", "gradient_checkpointing": True}, "--recon retrain only"),
+    ({"recon": "br-gp", "retrain_nsamples": 8}, "--retrain-nsamples applies to --recon retrain only"),
+    ({"retrain_nsamples": -1}, "retrain-nsamples must be 0"),
 ])
 def test_bad_retrain_settings_are_one_line(fields, needle):
     cfg = RunConfig()
@@ -281,6 +285,38 @@ def test_cli_retrain_runs_end_to_end_and_reports_compute(model_dir, word_text, t
         assert 0.45 < float((w == 0).float().mean()) < 0.55, name
     assert main(["report", str(out), "--out", str(tmp_path / "cmp")]) == 0
     assert "retrain (epochs 2, kd, lora-rank 2)" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_retrain_windows_are_fresh_and_skip_the_heldout_ones(model_dir, word_text):
+    """Retraining at more tokens than the calibration (Free Lunch's 10x) draws fresh windows with the
+    next seeds; a drawn window that overlaps a held-out one is redrawn. The held-out windows here are
+    the first two that seed 1 draws, so a version that did not check would train on them."""
+    model, tok = load_model(str(model_dir))
+    calib = PruneConfig().calib
+    calib.calib, calib.nsamples, calib.seqlen, calib.seed = str(word_text), 6, 16, 0
+    held = calibration_ids(model, tok, replace(calib, seed=1), torch.device("cpu"))[:2]
+    ids, dropped = retrain_windows(model, tok, calib, 20, held, torch.device("cpu"))
+    assert ids.shape == (22, 16) and torch.equal(ids[20:], held)
+    assert dropped >= 2
+    spans = {tuple(w[i : i + 8]) for w in held.tolist() for i in range(9)}
+    assert not any(tuple(w[i : i + 8]) in spans for w in ids[:20].tolist() for i in range(9))
+    calib_windows = calibration_ids(model, tok, calib, torch.device("cpu"))
+    assert not any(torch.equal(w, c) for w in ids[:20] for c in calib_windows)  # another seed: other windows
+
+
+def test_retrain_nsamples_trains_on_that_many_windows_and_keeps_the_heldout_ones(model_dir, word_text):
+    model, tok = load_model(str(model_dir))
+    cfg = _cfg(epochs=2, lr=1e-3, holdout=HELD, retrain_nsamples=12, recon_batch_size=4)
+    cfg.calib.calib, cfg.calib.nsamples, cfg.calib.seqlen = str(word_text), 8, 16
+    _, report = prunekit.prune(model, tok, cfg, progress=False)
+    rt = report.retrain
+    assert rt.train_windows == 12 and rt.steps == 2 * 3 and rt.tokens == 2 * 12 * 16
+    assert report.heldout_windows == 2 and any("12 fresh windows" in n for n in report.notes)
+    base = _cfg(epochs=2, lr=1e-3, holdout=HELD, recon_batch_size=4)
+    base.calib = cfg.calib
+    _, plain = prunekit.prune(load_model(str(model_dir))[0], tok, base, progress=False)
+    assert plain.retrain.train_windows == 6 and plain.retrain.steps == 2 * 2
+    assert plain.retrain.heldout_before == pytest.approx(rt.heldout_before)  # the same held-out windows, same masks
 
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ _HELP = {
     "(what a resume does) would take this many minutes (0: after every window); finished blocks are checkpointed at once",
     "stream_dtype": "float32 | bfloat16: how activation streams are stored (bfloat16 halves their memory and I/O)",
     "retrain_loss": "--recon retrain: lm (next-token loss on the calibration windows) | kd (KL to the dense model through the LM head)",
+    "retrain_nsamples": "--recon retrain: train on this many fresh windows (another seed) instead of the calibration's training windows; 0: the calibration's",
     "gradient_checkpointing": "--recon retrain: recompute block activations (and LM-head chunks) in the backward pass to save memory",
     "parallel": "under torchrun: auto | data | block. data splits the calibration windows across ranks; block gives "
     "each rank its own blocks (only for units on dense inputs with local targets, e.g. --recon free-lunch); auto picks block where it can",

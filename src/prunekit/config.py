@@ -261,6 +261,11 @@ class ReconConfig:
     guard: str = "revert"  # revert | warn | off: end-to-end check against the masks-only (LR) weights
     retrain_loss: str = "lm"  # --recon retrain: lm (next-token loss) | kd (KL to the dense model through the LM head)
     gradient_checkpointing: bool = False  # --recon retrain: recompute each block's activations in the backward pass
+    # --recon retrain: train end to end on this many fresh windows (sampled as the calibration windows
+    # are, with another seed) instead of the calibration's training windows; 0: the calibration's.
+    # Free Lunch (arXiv 2510.14444) compares retraining at 10x the data of local reconstruction: masks
+    # and held-out windows stay the calibration's, so only the retraining data grows.
+    retrain_nsamples: int = 0
 
     def resolved(self) -> "ReconConfig":
         """A copy with the preset's values filled in where no flag set them."""
@@ -302,6 +307,8 @@ class ReconConfig:
             (not r.retrains or r.loss == "token-mse",
              f"--loss {r.loss} is the local reconstruction objective; with --recon retrain use --retrain-loss lm or kd"),
             (r.retrains or not r.gradient_checkpointing, "--gradient-checkpointing applies to --recon retrain only"),
+            (r.retrain_nsamples >= 0, "retrain-nsamples must be 0 (the calibration windows) or positive"),
+            (r.retrains or not r.retrain_nsamples, "--retrain-nsamples applies to --recon retrain only"),
         ]
         for ok, message in checks:
             if not ok:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -95,6 +95,41 @@ def calibration_ids(model: nn.Module, tokenizer, calib: CalibConfig, device: tor
     # a mix: shuffle (with the seed) so that training and held-out windows both hold both kinds
     ids = torch.cat(parts)
     return ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(calib.seed))]
+
+
+def _shares_span(window: torch.Tensor, spans: set[tuple[int, ...]], k: int) -> bool:
+    """Whether ``window`` holds any of ``spans`` (runs of ``k`` tokens)."""
+    w = window.tolist()
+    return any(tuple(w[i : i + k]) in spans for i in range(len(w) - k + 1))
+
+
+def retrain_windows(
+    model: nn.Module, tokenizer, calib: CalibConfig, n: int, held: torch.Tensor, device: torch.device, k: int = 32,
+) -> tuple[torch.Tensor, int]:
+    """``n`` fresh training windows for end-to-end retraining followed by the ``held`` windows, and how
+    many drawn windows were redrawn.
+
+    Windows are drawn as the calibration windows are, with seeds ``calib.seed + 1``, ``+ 2``, ...;
+    a drawn window that shares a run of ``k`` tokens (at most half a window) with a held-out window
+    (an overlapping slice of the same document) is redrawn, so the held-out loss stays a held-out one.
+    """
+    k = min(k, max(2, held.shape[1] // 2))  # short windows: half a window
+    spans = {tuple(w[i : i + k]) for w in held.tolist() for i in range(len(w) - k + 1)}
+    kept: list[torch.Tensor] = []
+    dropped, seed = 0, calib.seed
+    while len(kept) < n:
+        seed += 1
+        if seed > calib.seed + 20:
+            raise PrunekitError(
+                f"could not draw {n} retraining windows that avoid the held-out ones; lower --retrain-nsamples"
+            )
+        drawn = calibration_ids(model, tokenizer, replace(calib, nsamples=n - len(kept), seed=seed), device)
+        for w in drawn:
+            if _shares_span(w, spans, k):
+                dropped += 1
+            else:
+                kept.append(w)
+    return torch.cat([torch.stack(kept), held]), dropped
 
 
 @dataclass
@@ -514,6 +549,8 @@ def _start(
         parallel=mode,
     )
     model.eval()
+    if rc.retrain_nsamples and ranks.active:
+        raise PrunekitError("--retrain-nsamples runs in one process for now; drop it or run without torchrun")
     if rc.retrains and store.streamed:
         raise PrunekitError("--recon retrain trains the whole model at once and needs it in memory, not streamed from disk; use --weights memory")
     needs_streams = criterion.needs_inputs or rc.trains or rc.measures or settings.owl
@@ -607,7 +644,15 @@ def _start(
             e2e = EndToEnd(model, calib_ids[run.held_rows], bs, device, ranks=run.data_ranks)
         state.guard.seconds += time.perf_counter() - t
     if rc.retrains:  # reads the dense model (kd teacher, the guard's reference): before any block changes
-        run.retrain = Retrain(model, calib_ids, run.train_rows, run.held_rows, rc, bs, device,
+        ids, train_rows, held_rows = calib_ids, run.train_rows, run.held_rows
+        if rc.retrain_nsamples:
+            ids, dropped = retrain_windows(model, tokenizer, config.calib, rc.retrain_nsamples, calib_ids[held_rows], device)
+            train_rows, held_rows = torch.arange(rc.retrain_nsamples), torch.arange(rc.retrain_nsamples, ids.shape[0])
+            report.notes.append(
+                f"retraining trained on {rc.retrain_nsamples} fresh windows (seed {config.calib.seed + 1} onwards) instead of the "
+                f"calibration's {n - n_held}; {dropped} drawn windows that overlapped a held-out window were redrawn"
+            )
+        run.retrain = Retrain(model, ids, train_rows, held_rows, rc, bs, device,
                               precision.stream_dtype(config.stream_dtype), run.data_ranks, run.train_offset,
                               run.train_total, run.local_batches)
     return run, state, streams, e2e

@@ -157,7 +157,9 @@ def _retrain_markdown(rt: dict[str, Any], s: dict[str, Any]) -> list[str]:
         f"Preset `{recon_label(rt['settings'])}`: the whole pruned model trained end to end with its masks fixed, "
         f"loss {rt['loss']}, trained parameters: {rt['params']} ({rt['trainable_params']:,}), {rt['epochs_run']} of "
         f"{rt['epochs']} epochs, lr {rt['lr']}, {rt['batch_size']} windows per step, {rt['steps']} steps on "
-        f"{rt['tokens']:,} tokens; {rt['heldout_windows']} calibration windows held out"
+        f"{rt['tokens']:,} tokens"
+        + (f" from {rt['train_windows']} windows" if rt.get("train_windows") else "")
+        + f"; {rt['heldout_windows']} calibration windows held out"
         + (f"; precision {s['precision']}" if "precision" in s else "")
         + ("; gradient checkpointing" if rt.get("gradient_checkpointing") else "") + ".",
         "",

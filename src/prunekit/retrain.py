@@ -98,6 +98,7 @@ class RetrainRecord:
     epochs_run: int = 0
     steps: int = 0
     tokens: int = 0  # tokens trained on (steps x windows x seqlen)
+    train_windows: int = 0  # windows trained on (all ranks); each epoch passes over them once
     loss_curve: list[float] = field(default_factory=list)  # mean training loss per epoch
     heldout_before: float | None = None
     heldout_curve: list[float] = field(default_factory=list)
@@ -270,6 +271,7 @@ class Retrain:
             loss=cfg.retrain_loss, params=params_label, trainable_params=0, lr=cfg.lr, batch_size=self.batch_size,
             epochs=cfg.epochs or 0, teacher_seconds=self.prepare_s, teacher_flops=self.teacher_flops,
             gradient_checkpointing=cfg.gradient_checkpointing,
+            train_windows=self.train_total if self.train_total is not None else len(self.train_rows),
         )
         masks_only = [snapshot(m) for m in modules]  # on the CPU: the weights every revert goes back to
         guard = GuardReport(cfg.guard) if self.e2e is not None else None
