@@ -17,7 +17,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "cpu-recon-v2"
 MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix|-zs|^wanda-br-gp")
-REFERENCE = ("wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr",
+REFERENCE = ("wanda-br-gp-cr-losstoken-mse-guardrevert-ctx256+1024", "wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr",
              "wanda-br-gp-losstoken-mse-guardrevert-ctx256+1024")
 
 
@@ -83,6 +83,40 @@ def free_lunch_table(runs: list[dict]) -> None:
         print(f"| dense | {dense['wikitext2']:.2f} | {dense['c4']:.2f} | 100% | - | - | - | - | - |")
 
 
+CALIB = re.compile(r"^wanda-(br-gp|br-gp-cr)-(self|c4)-(\d+)(-mix0\.5)?-losstoken-mse-guardrevert$")
+C4_128 = {"wanda-br-gp-losstoken-mse-guardrevert-ctx256+1024": "br-gp",
+          "wanda-br-gp-cr-losstoken-mse-guardrevert-ctx256+1024": "br-gp-cr"}
+
+
+def calib_table(runs: list[dict]) -> None:
+    """Issue 13, part 3: calibration source (C4, self-generated, half and half) and amount, for BR+GP
+    and BR+GP+CR (Wanda 50%, token-mse, guard). The C4 runs at 128 windows are the grid's own (their
+    extra long-context evaluation does not change the 512-token figures)."""
+    cells = []
+    for d in runs:
+        m = CALIB.match(d["run"])
+        if m:
+            source = "mix 50/50" if m.group(4) else ("self" if m.group(2) == "self" else "C4")
+            cells.append((m.group(1), source, int(m.group(3)), d))
+        elif d["run"] in C4_128:
+            cells.append((C4_128[d["run"]], "C4", 128, d))
+    if not cells:
+        return
+    print("\n### Calibration source and amount (Wanda 50%, token-mse, guard revert, CPU)\n")
+    print("Errors: each unit's normalised error against its target, averaged over the units (prunekit's "
+          "`reconstruction.error`), on the run's own training windows and on its own held-out 10%, so each "
+          "source is judged on its own kind of text; WikiText-2 and C4 perplexity are the common yardstick.\n")
+    print("| preset | source | windows | WikiText-2 | C4 | calib error before -> after | held-out error before -> after | prune s |")
+    print("|---|---|---|---|---|---|---|---|")
+    order = {"C4": 0, "self": 1, "mix 50/50": 2}
+    for preset, source, n, d in sorted(cells, key=lambda c: (c[0], order[c[1]], c[2])):
+        e = (d.get("reconstruction") or {}).get("error") or {}
+        ppl = d["perplexity"]
+        err = lambda k: f"{e.get(k + '_before', float('nan')):.4f} -> {e.get(k + '_after', float('nan')):.4f}"  # noqa: E731
+        print(f"| {preset} | {source} | {n} | {ppl['wikitext2']:.2f} | {ppl['c4']:.2f} | {err('calib')} | {err('heldout')} | "
+              f"{d.get('timing', {}).get('prune_s', 0):.0f} |")
+
+
 def main() -> None:
     runs = []
     for path in sorted(RESULTS.glob("*.json")):
@@ -100,6 +134,7 @@ def main() -> None:
     for d in sorted(runs, key=lambda d: (d.get("sparsity", {}).get("target", 0), d["run"])):
         print(row(d))
     free_lunch_table(runs)
+    calib_table(runs)
 
 
 if __name__ == "__main__":
