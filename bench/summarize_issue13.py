@@ -58,7 +58,8 @@ def free_lunch_table(runs: list[dict]) -> None:
     """Issue 13, part 1: local reconstruction against end-to-end retraining at 50% (Wanda), with the
     compute each spent training, as a multiple of free-lunch's (the paper's 'local' setting)."""
     rows = [d for d in runs if FREE_LUNCH.match(d["run"]) and d.get("sparsity", {}).get("target") == 0.5
-            and d["protocol"].get("device", "cpu") == "cpu" and "perplexity" in d and "-zs" not in d["run"]]
+            and d["protocol"].get("device", "cpu") == "cpu" and "perplexity" in d and "-zs" not in d["run"]
+            and d["protocol"].get("calib", "c4") == "c4" and "-mix" not in d["run"]]
     if not rows:
         return
     base = next((training_compute(d)[0] for d in rows if d["run"].startswith("wanda-free-lunch")), 0.0) or None
