@@ -17,8 +17,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "cpu-recon-v2"
 MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix|-zs|^wanda-br-gp")
-REFERENCE = ("wanda-br-gp-cr-losstoken-mse-guardrevert-ctx256+1024", "wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr",
-             "wanda-br-gp-losstoken-mse-guardrevert-ctx256+1024")
+REFERENCE = ("wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr")  # ^wanda-br-gp: MARKS
 
 
 def row(d: dict) -> str:
@@ -91,8 +90,8 @@ C4_128 = {"wanda-br-gp-losstoken-mse-guardrevert-ctx256+1024": "br-gp",
 
 def calib_table(runs: list[dict]) -> None:
     """Issue 13, part 3: calibration source (C4, self-generated, half and half) and amount, for BR+GP
-    and BR+GP+CR (Wanda 50%, token-mse, guard). The C4 runs at 128 windows are the grid's own (their
-    extra long-context evaluation does not change the 512-token figures)."""
+    and BR+GP+CR (Wanda 50%, token-mse, guard). The C4 runs at 128 windows are issue 10's runs with the
+    same settings (their extra long-context evaluation does not change the 512-token figures)."""
     cells = []
     for d in runs:
         m = CALIB.match(d["run"])

@@ -199,6 +199,11 @@ class Retrain:
             self.e2e = EndToEnd(model, ids[held_rows], batch_size, device, ranks=ranks)
         self.prepare_s = time.perf_counter() - t
 
+    @property
+    def train_windows(self) -> int:
+        """Windows trained on per epoch, over all ranks."""
+        return len(self.train_rows) if self.train_total is None else self.train_total
+
     # ------------------------------------------------------------------ losses
 
     def _head_loss(self, readout: Readout, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -271,7 +276,7 @@ class Retrain:
             loss=cfg.retrain_loss, params=params_label, trainable_params=0, lr=cfg.lr, batch_size=self.batch_size,
             epochs=cfg.epochs or 0, teacher_seconds=self.prepare_s, teacher_flops=self.teacher_flops,
             gradient_checkpointing=cfg.gradient_checkpointing,
-            train_windows=self.train_total if self.train_total is not None else len(self.train_rows),
+            train_windows=self.train_windows,
         )
         masks_only = [snapshot(m) for m in modules]  # on the CPU: the weights every revert goes back to
         guard = GuardReport(cfg.guard) if self.e2e is not None else None
@@ -402,8 +407,7 @@ class Retrain:
     ) -> bool:
         """The epochs of AdamW steps (linear decay to 0); True when the loss stopped being finite."""
         cfg, device = self.cfg, self.device
-        total_rows = len(self.train_rows) if self.train_total is None else self.train_total
-        steps_per_epoch = math.ceil(total_rows / self.batch_size)
+        steps_per_epoch = math.ceil(self.train_windows / self.batch_size)
         total = max(steps_per_epoch * (cfg.epochs or 0), 1)
         opt = _adamw(params, cfg.lr)
         sched = _decay(opt, total)
