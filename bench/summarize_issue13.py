@@ -117,6 +117,45 @@ def calib_table(runs: list[dict]) -> None:
               f"{d.get('timing', {}).get('prune_s', 0):.0f} |")
 
 
+GRID = re.compile(r"^(magnitude|wanda|sparsegpt)-(lr|br-gp|attn-mlp-gp)-sp(0\.[67])(-owl)?(-losstoken-mse-guardrevert)?(-cuda)?$")
+
+
+def sparsity_grid(runs: list[dict]) -> None:
+    """Issue 13, part 2: {magnitude, Wanda, SparseGPT} x {LR, BR+GP, attn-mlp+GP} at 60% and 70%, each
+    without and with OWL, as one matrix; a cell not measured yet says so. Reconstruction cells are
+    token-mse with the guard on (revert), as the 70% cells first run on the GPU were. Where a cell ran on
+    both devices the CPU run is shown (equal at 50%; Wanda LR at 70% differs by 7%, as BENCHMARKS.md says)."""
+    cells: dict[tuple[str, str, str, bool], dict] = {}
+    for d in runs:
+        m = GRID.match(d["run"].replace("-zs200", ""))
+        if not m or (m.group(2) != "lr" and not m.group(5)):
+            continue
+        key = (m.group(3), m.group(1), m.group(2), bool(m.group(4)))
+        if key not in cells or not m.group(6):
+            cells[key] = d
+    if not cells:
+        return
+    print("\n### 60% and 70% unstructured, without and with OWL (C4 calibration, 128 windows)\n")
+    print("WikiText-2 / C4 perplexity (16 x 512 tokens); reconstruction: token-mse, guard revert, lr 2e-4. "
+          "'-' not measured yet; (gpu) ran on a lent GPU under the same protocol.\n")
+    print("| sparsity | criterion | preset | no OWL | OWL (M=5, lambda=0.08) | OWL change (WikiText-2) |")
+    print("|---|---|---|---|---|---|")
+
+    def cell(d: dict | None) -> str:
+        if d is None:
+            return "-"
+        ppl = d["perplexity"]
+        where = " (gpu)" if d["protocol"].get("device", "cpu") != "cpu" else ""
+        return f"{ppl['wikitext2']:.2f} / {ppl['c4']:.2f}{where}"
+
+    for sp in ("0.6", "0.7"):
+        for crit in ("magnitude", "wanda", "sparsegpt"):
+            for preset in ("lr", "br-gp", "attn-mlp-gp"):
+                a, b = cells.get((sp, crit, preset, False)), cells.get((sp, crit, preset, True))
+                change = f"{100 * (b['perplexity']['wikitext2'] / a['perplexity']['wikitext2'] - 1):+.0f}%" if a and b else "-"
+                print(f"| {int(float(sp) * 100)}% | {crit} | {preset} | {cell(a)} | {cell(b)} | {change} |")
+
+
 def main() -> None:
     runs = []
     for path in sorted(RESULTS.glob("*.json")):
@@ -133,6 +172,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for d in sorted(runs, key=lambda d: (d.get("sparsity", {}).get("target", 0), d["run"])):
         print(row(d))
+    sparsity_grid(runs)
     free_lunch_table(runs)
     calib_table(runs)
 

@@ -7,6 +7,7 @@ CASES_JSON maps a case name to {"config": PruneConfig fields as nested dicts, "n
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -103,6 +104,7 @@ def run_streamed(spec: dict, ranks: dist.Ranks) -> dict:
 
 
 def main() -> None:
+    faulthandler.enable()  # a rank that aborts (SIGABRT from a C++ library) prints where it was
     out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.set_num_threads(1)
     ranks = dist.init(dist.from_env())
@@ -110,6 +112,11 @@ def main() -> None:
     if ranks.main:
         torch.save(results, out / f"world{ranks.world}.pt")
     dist.shutdown(ranks)
+    # the group must be freed by shutdown, not while the interpreter exits (where gloo's threads now and
+    # then abort the process: prunekit.dist._import_group_defaults); Linux names gloo's worker threads
+    tasks = Path("/proc/self/task")
+    if tasks.is_dir() and any((t / "comm").read_text().strip() == "pt_gloo_runloop" for t in tasks.iterdir()):
+        sys.exit(f"rank {ranks.rank}: gloo's threads outlived dist.shutdown (something still holds the process group)")
 
 
 if __name__ == "__main__":

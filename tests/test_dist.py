@@ -159,7 +159,7 @@ def _torchrun(out: Path, cases: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([*TORCHRUN, str(HERE / "dist_worker.py"), str(out), json.dumps(cases)],
                           capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-10000:]
     return torch.load(out / "world2.pt")
 
 

@@ -273,11 +273,28 @@ def init(ranks: Ranks, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> Ranks:
             )
         torch.cuda.set_device(ranks.local_rank)
     if not dist.is_initialized():
+        _import_group_defaults()
         try:
             dist.init_process_group(ranks.backend, timeout=timedelta(minutes=timeout_min))
         except (RuntimeError, ValueError) as e:
             raise PrunekitError(f"could not join the torchrun job ({e}); check MASTER_ADDR/MASTER_PORT and that every rank started") from None
     return ranks
+
+
+def _import_group_defaults() -> None:
+    """Import, before the process group exists, the torch modules that bind ``group.WORLD`` as a default
+    argument when they are first imported (``torch.distributed.nn.functional``, FSDP's grad scaler,
+    ZeRO); transformers imports them with its models.
+
+    Imported after ``init_process_group`` they would hold the group itself, so that
+    ``destroy_process_group`` could not free it: gloo's threads then outlived it and were torn down
+    while the interpreter exited, which now and then ended a finished rank with SIGABRT ("terminate
+    called without an active exception") and failed the whole torchrun job. Imported first, they hold
+    ``None``.
+    """
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.nn.functional  # noqa: F401
+    import torch.distributed.optim  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -325,10 +342,15 @@ def failures(ranks: Ranks) -> Iterator[None]:
 
 
 def shutdown(ranks: Ranks) -> None:
+    """Leave the process group, every rank together (a barrier first: no rank closes its connections
+    while another may still use them). Every rank calls this at the same point of the job, after
+    pruning, so the barrier costs one round trip. The group is freed here, while the interpreter is
+    whole (see :func:`_import_group_defaults`)."""
     if ranks.active:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
