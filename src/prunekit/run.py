@@ -404,7 +404,7 @@ def run_prune(cfg: RunConfig, resume: bool = False, eval_fallback: bool = True) 
         sets = prepare_eval_sets(model, tokenizer, cfg, device, fallback=eval_fallback and store is None)
         with dist.failures(ranks):
             model, report = prune(model, tokenizer, prune_cfg, checkpoint=checkpoint, store=store, ranks=ranks)
-        dist.shutdown(ranks)  # the other ranks are done; evaluation and saving are rank 0's
+            dist.shutdown(ranks)  # the other ranks are done; evaluation and saving are rank 0's
         source = None
         if writer is not None:  # the pruned model is complete on disk: evaluate it from there
             t = time.perf_counter()
@@ -523,7 +523,7 @@ def _follow(cfg: RunConfig, prune_cfg, resume: bool, ranks: dist.Ranks, mode: st
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     with dist.failures(ranks):
         prune(model, tokenizer, prune_cfg, progress=False, checkpoint=checkpoint, store=store, ranks=ranks)
-    dist.shutdown(ranks)
+        dist.shutdown(ranks)  # a barrier: a rank lost there is reported as in pruning
     return {"rank": ranks.rank}
 
 
