@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "cpu-recon-v2"
-MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix|-zs|^wanda-br-gp")
+MARKS = re.compile(r"-sp0|-owl|retrain|free-lunch|attn-mlp|-self-|-mix|-zs|^wanda-br-gp|^sparsegpt-br-gp-c4-")
 REFERENCE = ("wanda-lr", "wanda-lr-ctx256+1024", "wanda-lr-ctx256+1024-cuda", "sparsegpt-lr", "magnitude-lr")  # ^wanda-br-gp: MARKS
 
 
