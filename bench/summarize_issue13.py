@@ -2,7 +2,8 @@
 Lunch comparison (retrain, free-lunch, attn-mlp+GP) and calibration source, as far as measured.
 
 Reads every result whose name marks it as one of these runs (``-sp``, ``-owl``, ``retrain``,
-``free-lunch``, ``attn-mlp``, ``-self-``, ``-mix``) and, for reference, the 50% LR and BR+GP cells.
+``free-lunch``, ``attn-mlp``, ``-self-``, ``-mix``, ``-zs``, SparseGPT BR+GP on more C4 windows) and,
+for reference, the 50% LR and BR+GP cells.
 The device column says where a run went: protocol cpu-recon-v2 names the sizes; ``cuda`` runs
 (bench/gpu_quality.sh) computed the same thing on a lent GPU.
 
@@ -117,7 +118,7 @@ def calib_table(runs: list[dict]) -> None:
               f"{d.get('timing', {}).get('prune_s', 0):.0f} |")
 
 
-GRID = re.compile(r"^(magnitude|wanda|sparsegpt)-(lr|br-gp|attn-mlp-gp)-sp(0\.[67])(-owl)?(-losstoken-mse-guardrevert)?(-cuda)?$")
+GRID = re.compile(r"^(magnitude|wanda|sparsegpt)-(lr|br-gp|attn-mlp-gp)-sp(0\.[67])(-owl)?(-losstoken-mse-guardrevert)?(?:-zs\d+)?(-cuda)?$")
 
 
 def sparsity_grid(runs: list[dict]) -> None:
@@ -127,7 +128,7 @@ def sparsity_grid(runs: list[dict]) -> None:
     both devices the CPU run is shown (equal at 50%; Wanda LR at 70% differs by 7%, as BENCHMARKS.md says)."""
     cells: dict[tuple[str, str, str, bool], dict] = {}
     for d in runs:
-        m = GRID.match(d["run"].replace("-zs200", ""))
+        m = GRID.match(d["run"])
         if not m or (m.group(2) != "lr" and not m.group(5)):
             continue
         key = (m.group(3), m.group(1), m.group(2), bool(m.group(4)))
